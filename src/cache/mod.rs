@@ -1,0 +1,279 @@
+//! [`TokenCache`]: the one cached access token of a layer and everything that keeps it fresh.
+//!
+//! - **Read path** ([`TokenCache::current_generation`] plus the service's own copy): a valid
+//!   token is used with one atomic load and one clock read; no lock, no allocation.
+//! - **Single flight** ([`refresh`]): at most one token request is in flight per cache. It runs
+//!   in a spawned task, so dropping any caller (the one that started it included) neither
+//!   cancels nor stalls it; its outcome, success or shared [`Error`], reaches every waiter.
+//! - **Generations**: every token gets a number; a 401 invalidates only the generation it was
+//!   answered for ([`TokenCache::invalidate`]).
+//! - **Refresh-ahead**: after about 75 % of the lifetime the first request to notice starts a
+//!   background refresh while everyone keeps using the current token; callers wait only inside
+//!   the refresh margin or with no token at all.
+
+mod refresh;
+mod timing;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::secret::AccessToken;
+use crate::token::TokenFetcher;
+
+pub use refresh::RefreshReason;
+pub(crate) use refresh::RefreshWait;
+pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
+
+/// The generation number meaning "no usable token".
+const NO_TOKEN: u64 = 0;
+
+/// Keeps the atomics read on every request on their own cache line, away from the `Arc`
+/// reference counts and the mutex that other cores write.
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+/// A service's own copy of the current token: what the warm path reads.
+#[derive(Clone)]
+pub(crate) struct LocalToken {
+    pub(crate) generation: u64,
+    /// `Bearer <token>`, sensitive.
+    pub(crate) authorization: HeaderValue,
+    /// From here on callers wait for a new token (expiry minus the refresh margin).
+    pub(crate) refresh_at: Instant,
+    /// From here on the first request starts a background refresh.
+    pub(crate) refresh_ahead_at: Instant,
+}
+
+/// The token as stored in the cache.
+#[derive(Clone)]
+pub(crate) struct CachedToken {
+    pub(crate) local: LocalToken,
+    pub(crate) access_token: AccessToken,
+    pub(crate) requested_at: Instant,
+    pub(crate) expires_at: Instant,
+}
+
+struct State {
+    current: Option<CachedToken>,
+    in_flight: Option<refresh::InFlight>,
+    last_generation: u64,
+    last_error: Option<Error>,
+}
+
+struct Shared {
+    /// Generation of `state.current` while it is usable, [`NO_TOKEN`] otherwise. Written only
+    /// under the `state` lock; read lock-free on every request.
+    generation: CacheLine<AtomicU64>,
+    /// Set by the first request that notices the refresh-ahead point of the current token.
+    refresh_ahead_claimed: AtomicBool,
+    state: Mutex<State>,
+    fetcher: TokenFetcher,
+    token_requests: AtomicU64,
+    unauthorized_retries: AtomicU64,
+    consecutive_failures: AtomicU32,
+}
+
+/// The token cache of one [`crate::OAuth2Layer`] and all services made from it. Cheap to clone
+/// (an `Arc`); clones share the token.
+#[derive(Clone)]
+pub struct TokenCache {
+    shared: Arc<Shared>,
+}
+
+/// A point-in-time view of a [`TokenCache`], cheap enough for a health endpoint.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TokenCacheStatus {
+    /// How long the cached token stays usable before callers have to wait for a new one
+    /// (`None`: no token, or it is inside its refresh margin).
+    pub token_valid_for: Option<Duration>,
+    /// How long until the cached token's `expires_in` runs out (`None`: no token).
+    pub token_expires_in: Option<Duration>,
+    /// How long ago the cached token was requested (`None`: no token).
+    pub token_age: Option<Duration>,
+    /// Generation of the cached token (1 for the first token; 0 when there is none).
+    pub generation: u64,
+    /// Token requests sent since the cache was created.
+    pub token_requests: u64,
+    /// Token requests that failed in a row (0 after a success).
+    pub consecutive_failures: u32,
+    /// The error of the most recent failed token request, cleared by a success.
+    pub last_error: Option<Error>,
+    /// Whether a token request is in flight now.
+    pub refresh_in_flight: bool,
+}
+
+/// What a request gets from the cache on its slow path.
+pub(crate) enum Lookup {
+    /// A valid token: use it now.
+    Ready(LocalToken),
+    /// Wait for the one in-flight refresh.
+    Wait(RefreshWait),
+}
+
+impl TokenCache {
+    pub(crate) fn new(fetcher: TokenFetcher) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                generation: CacheLine(AtomicU64::new(NO_TOKEN)),
+                refresh_ahead_claimed: AtomicBool::new(false),
+                state: Mutex::new(State {
+                    current: None,
+                    in_flight: None,
+                    last_generation: NO_TOKEN,
+                    last_error: None,
+                }),
+                fetcher,
+                token_requests: AtomicU64::new(0),
+                unauthorized_retries: AtomicU64::new(0),
+                consecutive_failures: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// The generation of the usable cached token, 0 when there is none. One atomic load.
+    #[inline]
+    pub fn current_generation(&self) -> u64 {
+        self.shared.generation.0.load(Ordering::Acquire)
+    }
+
+    /// Token requests sent so far by this cache (each one counted when it is sent).
+    pub fn token_requests(&self) -> u64 {
+        self.shared.token_requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests that [`crate::RetryOnUnauthorized`] sent again after a 401.
+    pub fn unauthorized_retries(&self) -> u64 {
+        self.shared.unauthorized_retries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_unauthorized_retry(&self) {
+        self.shared
+            .unauthorized_retries
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forgets the token of `generation` if it is still the cached one, so the next request
+    /// fetches a new token. A late call for an older generation does nothing, so a burst of
+    /// 401s for one token causes one refresh. Returns whether the token was dropped.
+    pub fn invalidate(&self, generation: u64) -> bool {
+        let mut state = self.lock();
+        match &state.current {
+            Some(current) if current.local.generation == generation => {
+                state.current = None;
+                self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
+                tracing::debug!(generation, "access token invalidated after a 401");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The cached access token while it is usable (before its refresh margin), for callers
+    /// that must hand a token to something outside tower (a WebSocket handshake, say). Does not
+    /// fetch. Never log it.
+    pub fn access_token(&self) -> Option<AccessToken> {
+        let now = Instant::now();
+        let state = self.lock();
+        state
+            .current
+            .as_ref()
+            .filter(|token| now < token.local.refresh_at)
+            .map(|token| token.access_token.clone())
+    }
+
+    /// A snapshot of the cache for health checks. Takes the cache lock briefly.
+    pub fn status(&self) -> TokenCacheStatus {
+        let now = Instant::now();
+        let state = self.lock();
+        let current = state.current.as_ref();
+        TokenCacheStatus {
+            token_valid_for: current
+                .map(|token| token.local.refresh_at.saturating_duration_since(now))
+                .filter(|left| !left.is_zero()),
+            token_expires_in: current.map(|token| token.expires_at.saturating_duration_since(now)),
+            token_age: current.map(|token| now.saturating_duration_since(token.requested_at)),
+            generation: current.map_or(NO_TOKEN, |token| token.local.generation),
+            token_requests: self.token_requests(),
+            consecutive_failures: self.shared.consecutive_failures.load(Ordering::Relaxed),
+            last_error: state.last_error.clone(),
+            refresh_in_flight: state
+                .in_flight
+                .as_ref()
+                .is_some_and(refresh::InFlight::is_live),
+        }
+    }
+
+    /// The slow path: a copy of the cached token if it is valid at `now`, else a wait on the
+    /// one refresh (started here if none is in flight).
+    pub(crate) fn lookup(&self, now: Instant) -> Result<Lookup, Error> {
+        let mut state = self.lock();
+        if let Some(current) = &state.current {
+            if now < current.local.refresh_at {
+                let local = current.local.clone();
+                if now >= local.refresh_ahead_at {
+                    drop(state);
+                    self.start_refresh_ahead(local.generation);
+                }
+                return Ok(Lookup::Ready(local));
+            }
+        }
+        let reason = if state.current.is_some() {
+            RefreshReason::Expired
+        } else if state.last_generation == NO_TOKEN {
+            RefreshReason::Initial
+        } else {
+            RefreshReason::AfterUnauthorized
+        };
+        refresh::join_or_start(self, &mut state, reason).map(Lookup::Wait)
+    }
+
+    /// Starts a background refresh for the token of `generation` unless one was already
+    /// claimed for it. Never waits; lock-free after the first call per token.
+    pub(crate) fn start_refresh_ahead(&self, generation: u64) {
+        if self
+            .shared
+            .refresh_ahead_claimed
+            .swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let mut state = self.lock();
+        let still_current = state
+            .current
+            .as_ref()
+            .is_some_and(|token| token.local.generation == generation);
+        if still_current {
+            // An error here (no runtime) is recorded in the status; the token stays usable.
+            if let Err(error) =
+                refresh::join_or_start(self, &mut state, RefreshReason::RefreshAhead)
+            {
+                state.last_error = Some(error);
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock, but never let a poisoned lock panic a caller.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("generation", &self.current_generation())
+            .field("token_requests", &self.token_requests())
+            .field("fetcher", &self.shared.fetcher)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,418 @@
+//! Configuration: which token endpoint, which client credentials, and the token lifecycle
+//! settings. Every default is a named constant with its rationale.
+//!
+//! # Example
+//!
+//! ```
+//! use nuvy_oauth2::{ClientCredentials, Environment, OAuth2Config};
+//!
+//! let config = OAuth2Config::builder(ClientCredentials::new("my-client-id", "my-client-secret"))
+//!     .environment(Environment::Production)
+//!     .scope("read write")
+//!     .build()
+//!     .expect("valid configuration");
+//! assert_eq!(config.token_endpoint(), "https://prd.api.nuvy.ai/oauth2/token");
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::error::{Error, ErrorKind};
+use crate::secret::ClientSecret;
+
+/// Environment variable holding the `client_id` (seed: "Store credentials in environment
+/// variables or a secrets manager").
+pub const CLIENT_ID_ENV_VAR: &str = "NUVY_CLIENT_ID";
+/// Environment variable holding the `client_secret`.
+pub const CLIENT_SECRET_ENV_VAR: &str = "NUVY_CLIENT_SECRET";
+/// Optional environment variable choosing the environment: `qa` or `production`
+/// (case-insensitive; unset means production).
+pub const ENVIRONMENT_ENV_VAR: &str = "NUVY_ENVIRONMENT";
+
+/// The QA token endpoint (seed, table "Environment | Token Endpoint").
+pub const QA_TOKEN_ENDPOINT: &str = "https://qa.api.nuvy.ai/oauth2/token";
+/// The production token endpoint (seed, table "Environment | Token Endpoint").
+pub const PRODUCTION_TOKEN_ENDPOINT: &str = "https://prd.api.nuvy.ai/oauth2/token";
+
+/// Default timeout of one token request: 10 s. A token reply is small and fast; past 10 s the
+/// endpoint is better treated as failing than waited on, and the timeout runs independently of
+/// any caller's own deadline.
+pub const DEFAULT_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a token response body: 64 KiB. A token reply is a few KiB at most; an
+/// endless body must not exhaust memory.
+pub const DEFAULT_MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+/// Upper bound of the refresh margin: a token is treated as expired (callers wait for a new one)
+/// this long before its `expires_in` runs out, or 10 % of its lifetime when that is shorter
+/// ([`REFRESH_MARGIN_PERCENT`]). 60 s covers clock skew and the time a request spends in flight.
+pub const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// The refresh margin as a share of the token lifetime, in percent, when that is shorter than
+/// [`MAX_REFRESH_MARGIN`]: a 5-second token is refreshed 0.5 s early, not "always expired".
+pub const REFRESH_MARGIN_PERCENT: u32 = 10;
+/// Lifetime assumed when a token response has no `expires_in` and the token is not a JWT with an
+/// `exp` claim: 300 s. Never "forever", and never "refetch on every call".
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest lifetime a token is cached for, whatever `expires_in` says: 24 h. A huge `expires_in`
+/// (even `u64::MAX`) is clamped to this rather than overflowing; refreshing once a day is cheap.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A Nuvy deployment, each with its token endpoint (seed: "Environment | Token Endpoint").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    /// QA: [`QA_TOKEN_ENDPOINT`].
+    Qa,
+    /// Production: [`PRODUCTION_TOKEN_ENDPOINT`].
+    Production,
+}
+
+impl Environment {
+    /// The environment's token endpoint URL.
+    pub fn token_endpoint(self) -> &'static str {
+        match self {
+            Environment::Qa => QA_TOKEN_ENDPOINT,
+            Environment::Production => PRODUCTION_TOKEN_ENDPOINT,
+        }
+    }
+
+    /// Reads [`ENVIRONMENT_ENV_VAR`] (`NUVY_ENVIRONMENT`): `qa` or `production`, any case; unset
+    /// or empty means [`Environment::Production`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidEnvVar`] for any other value (the value is not shown).
+    pub fn from_env() -> Result<Self, Error> {
+        match std::env::var(ENVIRONMENT_ENV_VAR) {
+            Ok(value) if !value.is_empty() => value.parse(),
+            _ => Ok(Environment::Production),
+        }
+    }
+}
+
+impl FromStr for Environment {
+    type Err = Error;
+
+    /// Parses `qa` or `production` (also `prd` and `prod`), ignoring ASCII case.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidEnvVar`] naming `NUVY_ENVIRONMENT` for anything else.
+    fn from_str(value: &str) -> Result<Self, Error> {
+        let value = value.trim();
+        if value.eq_ignore_ascii_case("qa") {
+            Ok(Environment::Qa)
+        } else if ["production", "prd", "prod"]
+            .iter()
+            .any(|name| value.eq_ignore_ascii_case(name))
+        {
+            Ok(Environment::Production)
+        } else {
+            Err(Error::new(ErrorKind::InvalidEnvVar {
+                name: ENVIRONMENT_ENV_VAR,
+                expected: "`qa` or `production`",
+            }))
+        }
+    }
+}
+
+/// How the client authenticates to the token endpoint. One style per request; the crate never
+/// retries with another style, so the secret is never sent twice in two shapes.
+///
+/// For `client_id = "my client"` and `client_secret = "p@ss:w+rd/%="`:
+///
+/// | style | what is sent |
+/// |---|---|
+/// | [`BasicRaw`](Self::BasicRaw) | `Authorization: Basic base64("my client:p@ss:w+rd/%=")` = `Basic bXkgY2xpZW50OnBAc3M6dytyZC8lPQ==` |
+/// | [`BasicFormEncoded`](Self::BasicFormEncoded) | `Authorization: Basic base64("my%20client:p%40ss%3Aw%2Brd%2F%25%3D")` = `Basic bXklMjBjbGllbnQ6cCU0MHNzJTNBdyUyQnJkJTJGJTI1JTNE` |
+/// | [`RequestBody`](Self::RequestBody) | body `grant_type=client_credentials&client_id=my+client&client_secret=p%40ss%3Aw%2Brd%2F%25%3D` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ClientAuthentication {
+    /// HTTP Basic over the raw `client_id:client_secret`, as the Nuvy docs and `curl -u` do
+    /// (seed: "Basic {base64(client_id:client_secret)}"). Default for [`Environment`]s.
+    BasicRaw,
+    /// HTTP Basic over the RFC 6749 §2.3.1 encoded values: every byte outside
+    /// `A-Z a-z 0-9 - . _ ~` percent-encoded, space as `%20`. Servers that form-decode and
+    /// servers that only percent-decode read it the same. Default for custom token endpoints.
+    BasicFormEncoded,
+    /// `client_secret_post` (RFC 6749 §2.3.1): `client_id` and `client_secret` in the form body,
+    /// no `Authorization` header.
+    RequestBody,
+}
+
+/// The client credentials the authorization server issued (RFC 6749 §2.3; seed: "Nuvy will
+/// provide you with a pair of credentials"). `Debug` shows the `client_id` only.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    client_id: String,
+    client_secret: ClientSecret,
+}
+
+impl ClientCredentials {
+    /// Credentials given in code (for instance read from a secrets manager). Emptiness is
+    /// checked when the configuration is built.
+    pub fn new(client_id: impl Into<String>, client_secret: impl Into<ClientSecret>) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+        }
+    }
+
+    /// Reads [`CLIENT_ID_ENV_VAR`] (`NUVY_CLIENT_ID`) and [`CLIENT_SECRET_ENV_VAR`]
+    /// (`NUVY_CLIENT_SECRET`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::MissingEnvVar`] naming the first variable that is unset, empty or not
+    /// Unicode. No value is ever shown.
+    pub fn from_env() -> Result<Self, Error> {
+        let client_id = read_required_env(CLIENT_ID_ENV_VAR)?;
+        let client_secret = read_required_env(CLIENT_SECRET_ENV_VAR)?;
+        Ok(Self::new(client_id, client_secret))
+    }
+
+    /// The `client_id`. Not a secret (RFC 6749 §2.2).
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The `client_secret`, still wrapped.
+    pub fn client_secret(&self) -> &ClientSecret {
+        &self.client_secret
+    }
+}
+
+impl fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .finish()
+    }
+}
+
+fn read_required_env(name: &'static str) -> Result<String, Error> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => Ok(value),
+        _ => Err(Error::new(ErrorKind::MissingEnvVar { name })),
+    }
+}
+
+/// A complete, validated configuration. Build one with [`OAuth2Config::builder`] or
+/// [`OAuth2Config::from_env`]; hand it to [`crate::OAuth2Layer::new`].
+#[derive(Debug, Clone)]
+pub struct OAuth2Config {
+    pub(crate) token_endpoint: Uri,
+    pub(crate) credentials: ClientCredentials,
+    pub(crate) client_authentication: ClientAuthentication,
+    pub(crate) scope: Option<String>,
+    pub(crate) audience: Option<String>,
+    pub(crate) resource: Option<String>,
+    pub(crate) extra_parameters: Vec<(String, String)>,
+    pub(crate) allow_insecure_http: bool,
+    pub(crate) token_request_timeout: Duration,
+    pub(crate) max_token_response_bytes: usize,
+}
+
+impl OAuth2Config {
+    /// Starts a builder for these credentials, aimed at [`Environment::Production`] until told
+    /// otherwise.
+    pub fn builder(credentials: ClientCredentials) -> OAuth2ConfigBuilder {
+        OAuth2ConfigBuilder {
+            endpoint: Endpoint::Environment(Environment::Production),
+            credentials,
+            client_authentication: None,
+            scope: None,
+            audience: None,
+            resource: None,
+            extra_parameters: Vec::new(),
+            allow_insecure_http: false,
+            token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
+            max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
+        }
+    }
+
+    /// Everything from the environment: credentials from `NUVY_CLIENT_ID` and
+    /// `NUVY_CLIENT_SECRET`, the environment from `NUVY_ENVIRONMENT` (default production), every
+    /// other setting at its default.
+    ///
+    /// # Errors
+    /// [`ErrorKind::MissingEnvVar`] or [`ErrorKind::InvalidEnvVar`] naming the variable.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::builder(ClientCredentials::from_env()?)
+            .environment(Environment::from_env()?)
+            .build()
+    }
+
+    /// The token endpoint URL.
+    pub fn token_endpoint(&self) -> String {
+        self.token_endpoint.to_string()
+    }
+
+    /// The client credentials.
+    pub fn credentials(&self) -> &ClientCredentials {
+        &self.credentials
+    }
+
+    /// Whether plain `http` is allowed for the token endpoint and for API requests.
+    pub fn allows_insecure_http(&self) -> bool {
+        self.allow_insecure_http
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Environment(Environment),
+    Custom(String),
+}
+
+/// Builder of an [`OAuth2Config`]. Every setting has a default; [`build`](Self::build) checks
+/// them all.
+#[derive(Debug, Clone)]
+pub struct OAuth2ConfigBuilder {
+    endpoint: Endpoint,
+    credentials: ClientCredentials,
+    client_authentication: Option<ClientAuthentication>,
+    scope: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    extra_parameters: Vec<(String, String)>,
+    allow_insecure_http: bool,
+    token_request_timeout: Duration,
+    max_token_response_bytes: usize,
+}
+
+impl OAuth2ConfigBuilder {
+    /// Uses a Nuvy environment's token endpoint, with [`ClientAuthentication::BasicRaw`] as
+    /// the seed specifies.
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.endpoint = Endpoint::Environment(environment);
+        self
+    }
+
+    /// Uses any RFC 6749 token endpoint (an absolute `https` URL; `http` only with
+    /// [`allow_insecure_http`](Self::allow_insecure_http)). Client authentication defaults to
+    /// [`ClientAuthentication::BasicFormEncoded`].
+    pub fn token_endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoint = Endpoint::Custom(url.into());
+        self
+    }
+
+    /// Chooses how the client authenticates (default: see [`ClientAuthentication`]).
+    pub fn client_authentication(mut self, style: ClientAuthentication) -> Self {
+        self.client_authentication = Some(style);
+        self
+    }
+
+    /// Requests a `scope` (RFC 6749 §3.3): space-delimited scope tokens, sent as given.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Sends an `audience` parameter (used by Auth0, Okta and others).
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Sends a `resource` indicator (RFC 8707).
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    /// Adds one more form parameter to the token request body. `grant_type`, `client_id` and
+    /// `client_secret` cannot be overridden this way (refused by [`build`](Self::build)).
+    pub fn extra_parameter(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra_parameters.push((name.into(), value.into()));
+        self
+    }
+
+    /// Allows plain `http` for the token endpoint and lets the bearer token be attached to
+    /// plain-`http` API requests. Off by default: the seed requires HTTPS for all requests.
+    /// Turn it on only for loopback tests and the embedded test server.
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
+    }
+
+    /// Timeout of each token request (default [`DEFAULT_TOKEN_REQUEST_TIMEOUT`]).
+    pub fn token_request_timeout(mut self, timeout: Duration) -> Self {
+        self.token_request_timeout = timeout;
+        self
+    }
+
+    /// Cap on the token response body in bytes (default [`DEFAULT_MAX_TOKEN_RESPONSE_BYTES`]).
+    pub fn max_token_response_bytes(mut self, limit: usize) -> Self {
+        self.max_token_response_bytes = limit;
+        self
+    }
+
+    /// Checks and freezes the configuration.
+    ///
+    /// # Errors
+    /// - [`ErrorKind::InvalidConfig`]: empty `client_id` or `client_secret`; a token endpoint
+    ///   that is not an absolute `http`/`https` URL; a zero timeout or body cap; an extra
+    ///   parameter that would override `grant_type`, `client_id` or `client_secret`.
+    /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint without
+    ///   [`allow_insecure_http`](Self::allow_insecure_http).
+    pub fn build(self) -> Result<OAuth2Config, Error> {
+        let invalid = |what: &str| Err(Error::new(ErrorKind::InvalidConfig(what.to_owned())));
+        if self.credentials.client_id.trim().is_empty() {
+            return invalid("client_id is empty");
+        }
+        if self.credentials.client_secret.expose_secret().is_empty() {
+            return invalid("client_secret is empty");
+        }
+        if self.token_request_timeout.is_zero() {
+            return invalid("token_request_timeout is zero");
+        }
+        if self.max_token_response_bytes == 0 {
+            return invalid("max_token_response_bytes is zero");
+        }
+        if let Some((name, _)) = self.extra_parameters.iter().find(|(name, _)| {
+            matches!(
+                name.as_str(),
+                "grant_type" | "client_id" | "client_secret" | "scope" | "audience" | "resource"
+            )
+        }) {
+            return Err(Error::new(ErrorKind::InvalidConfig(format!(
+                "extra parameter `{name}` is reserved; use its own setting"
+            ))));
+        }
+        let (url, default_style) = match &self.endpoint {
+            Endpoint::Environment(environment) => {
+                (environment.token_endpoint(), ClientAuthentication::BasicRaw)
+            }
+            Endpoint::Custom(url) => (url.as_str(), ClientAuthentication::BasicFormEncoded),
+        };
+        let token_endpoint: Uri = match url.parse() {
+            Ok(uri) => uri,
+            Err(_) => return invalid("token endpoint is not a valid URL"),
+        };
+        match token_endpoint.scheme_str() {
+            Some("https") => {}
+            Some("http") if self.allow_insecure_http => {}
+            Some("http") => {
+                return Err(Error::new(ErrorKind::InsecureScheme {
+                    target: "token endpoint",
+                }))
+            }
+            _ => return invalid("token endpoint must be an absolute https URL"),
+        }
+        if token_endpoint.host().is_none_or(str::is_empty) {
+            return invalid("token endpoint has no host");
+        }
+        Ok(OAuth2Config {
+            token_endpoint,
+            credentials: self.credentials,
+            client_authentication: self.client_authentication.unwrap_or(default_style),
+            scope: self.scope,
+            audience: self.audience,
+            resource: self.resource,
+            extra_parameters: self.extra_parameters,
+            allow_insecure_http: self.allow_insecure_http,
+            token_request_timeout: self.token_request_timeout,
+            max_token_response_bytes: self.max_token_response_bytes,
+        })
+    }
+}

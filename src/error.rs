@@ -1,0 +1,281 @@
+//! The crate's one error type, [`Error`], and what it can be, [`ErrorKind`].
+//!
+//! An `Error` is `Clone` (its content sits behind an `Arc`) so that one failed token request can be
+//! handed to every caller that was waiting on it. No `Error` ever holds the `client_secret`, the
+//! Basic credentials, an access token or a raw response body: its message is built only from
+//! status codes, content types, field names and the RFC 6749 §5.2 error fields.
+//!
+//! Through [`crate::OAuth2Service`] an `Error` arrives as a [`tower::BoxError`]; get it back with
+//! `err.downcast_ref::<nuvy_oauth2::Error>()`.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Longest server-supplied text (an `error_description`, a `token_type`) kept in an error, in
+/// characters. A longer text is cut; control characters are replaced, so a hostile server cannot
+/// forge log lines through our errors.
+pub const MAX_SERVER_TEXT_CHARS: usize = 200;
+
+/// The error this crate returns. Match on [`Error::kind`]; see [`ErrorKind`] for each case.
+#[derive(Clone)]
+pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+/// The RFC 6749 §5.2 error fields of a token endpoint's error response, each present only when
+/// the body carried it as a string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenErrorFields {
+    /// `error`: an ASCII code such as `invalid_client`, `invalid_request`,
+    /// `unsupported_grant_type` (RFC 6749 §5.2).
+    pub error: Option<String>,
+    /// `error_description`: human-readable text from the server, cut to
+    /// [`MAX_SERVER_TEXT_CHARS`].
+    pub error_description: Option<String>,
+    /// `error_uri`: a page describing the error.
+    pub error_uri: Option<String>,
+}
+
+/// What went wrong. `#[non_exhaustive]`: new cases may be added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An environment variable is unset or empty (it is named; its value is never shown).
+    MissingEnvVar {
+        /// The variable, e.g. `NUVY_CLIENT_ID`.
+        name: &'static str,
+    },
+    /// An environment variable holds a value outside the accepted set (e.g. `NUVY_ENVIRONMENT`
+    /// other than `qa` or `production`).
+    InvalidEnvVar {
+        /// The variable.
+        name: &'static str,
+        /// What it may hold.
+        expected: &'static str,
+    },
+    /// The configuration is unusable (empty client_id or client_secret, an unparsable token
+    /// endpoint URL, a zero timeout, ...). The text says which setting.
+    InvalidConfig(String),
+    /// A URL uses plain `http` while [`crate::OAuth2ConfigBuilder::allow_insecure_http`] is off.
+    /// The seed requires HTTPS for all requests; nothing was sent.
+    InsecureScheme {
+        /// `"token endpoint"` or `"API request"`.
+        target: &'static str,
+    },
+    /// The token endpoint refused the request with an OAuth2 error (RFC 6749 §5.2): a 400 or
+    /// 401 (or a 2xx body that carries an `error` field).
+    TokenRequestRejected {
+        /// The HTTP status of the token response.
+        status: StatusCode,
+        /// The RFC 6749 §5.2 fields found in the body.
+        fields: TokenErrorFields,
+    },
+    /// The token endpoint answered with a status that is neither success nor 400/401 (a 3xx
+    /// redirect, which is never followed, 429, 5xx, ...).
+    UnexpectedStatus {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The `Content-Type` of the body, if any.
+        content_type: Option<String>,
+    },
+    /// A token response could not be used: not JSON, missing or empty `access_token`, an
+    /// `expires_in` that is zero, negative or not a number, an access token that is not a valid
+    /// header value. The body is never echoed.
+    InvalidTokenResponse {
+        /// The field at fault, or `"body"` when the body as a whole is unusable.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+        /// The `Content-Type` of the body, if any.
+        content_type: Option<String>,
+    },
+    /// The token response named a `token_type` other than `Bearer` (RFC 6750), which this crate
+    /// never sends as a bearer token.
+    UnsupportedTokenType {
+        /// The `token_type` received, cut to [`MAX_SERVER_TEXT_CHARS`].
+        token_type: String,
+    },
+    /// The token response body exceeded the configured limit (in bytes); reading stopped there.
+    ResponseTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The token request did not complete within the token request timeout.
+    Timeout {
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The token request failed in transport (connect, TLS, I/O); see [`std::error::Error::source`].
+    Transport,
+    /// The token refresh ended without a result (its task panicked or the runtime shut down).
+    RefreshAborted,
+    /// No Tokio runtime is running; the token refresh needs one to run in.
+    NoRuntime,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind) -> Self {
+        Self {
+            inner: Arc::new(Inner { kind, source: None }),
+        }
+    }
+
+    pub(crate) fn with_source(kind: ErrorKind, source: Box<dyn StdError + Send + Sync>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kind,
+                source: Some(source),
+            }),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.inner.kind
+    }
+
+    /// The token endpoint's HTTP status, when the error comes from a token response.
+    pub fn status(&self) -> Option<StatusCode> {
+        match &self.inner.kind {
+            ErrorKind::TokenRequestRejected { status, .. }
+            | ErrorKind::UnexpectedStatus { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The RFC 6749 §5.2 fields of a rejected token request.
+    pub fn token_error_fields(&self) -> Option<&TokenErrorFields> {
+        match &self.inner.kind {
+            ErrorKind::TokenRequestRejected { fields, .. } => Some(fields),
+            _ => None,
+        }
+    }
+
+    /// True when the token endpoint rejected the client credentials: a 401, or
+    /// `error=invalid_client` (RFC 6749 §5.2; seed: "401 Invalid credentials").
+    pub fn is_invalid_client(&self) -> bool {
+        match &self.inner.kind {
+            ErrorKind::TokenRequestRejected { status, fields } => {
+                *status == StatusCode::UNAUTHORIZED
+                    || fields.error.as_deref() == Some("invalid_client")
+            }
+            _ => false,
+        }
+    }
+
+    /// True for a token request timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.inner.kind, ErrorKind::Timeout { .. })
+    }
+}
+
+/// Cuts server text to [`MAX_SERVER_TEXT_CHARS`] and replaces control characters.
+pub(crate) fn sanitize_server_text(text: &str) -> String {
+    text.chars()
+        .take(MAX_SERVER_TEXT_CHARS)
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect()
+}
+
+fn remedy(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "check that the request sends grant_type=client_credentials",
+        StatusCode::UNAUTHORIZED => "verify client_id and client_secret",
+        _ => "check the token endpoint and the client credentials",
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner.kind {
+            ErrorKind::MissingEnvVar { name } => {
+                write!(f, "environment variable {name} is not set or is empty")
+            }
+            ErrorKind::InvalidEnvVar { name, expected } => {
+                write!(f, "environment variable {name} must be {expected}")
+            }
+            ErrorKind::InvalidConfig(what) => write!(f, "invalid OAuth2 configuration: {what}"),
+            ErrorKind::InsecureScheme { target } => write!(
+                f,
+                "refusing to use plain http for the {target}: HTTPS is required \
+                 (allow_insecure_http is off)"
+            ),
+            ErrorKind::TokenRequestRejected { status, fields } => {
+                write!(f, "token endpoint rejected the request with {status}")?;
+                if let Some(error) = &fields.error {
+                    write!(f, " (error={error}")?;
+                    if let Some(description) = &fields.error_description {
+                        write!(f, ": {description}")?;
+                    }
+                    f.write_str(")")?;
+                }
+                write!(f, "; {}", remedy(*status))
+            }
+            ErrorKind::UnexpectedStatus {
+                status,
+                content_type,
+            } => {
+                write!(f, "token endpoint answered {status}")?;
+                if let Some(content_type) = content_type {
+                    write!(f, " with content-type {content_type}")?;
+                }
+                Ok(())
+            }
+            ErrorKind::InvalidTokenResponse {
+                field,
+                reason,
+                content_type,
+            } => {
+                write!(f, "invalid token response: `{field}` {reason}")?;
+                if let Some(content_type) = content_type {
+                    write!(f, " (content-type {content_type})")?;
+                }
+                Ok(())
+            }
+            ErrorKind::UnsupportedTokenType { token_type } => write!(
+                f,
+                "unsupported token type {token_type:?}: only Bearer tokens (RFC 6750) are sent"
+            ),
+            ErrorKind::ResponseTooLarge { limit } => {
+                write!(f, "token response body exceeds the {limit}-byte limit")
+            }
+            ErrorKind::Timeout { after } => {
+                write!(f, "token request timed out after {after:?}")
+            }
+            ErrorKind::Transport => f.write_str("token request failed in transport"),
+            ErrorKind::RefreshAborted => f.write_str("token refresh ended without a result"),
+            ErrorKind::NoRuntime => {
+                f.write_str("no Tokio runtime: the token refresh must run inside one")
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Error");
+        debug.field("kind", &self.inner.kind);
+        if let Some(source) = &self.inner.source {
+            debug.field("source", &format_args!("{source}"));
+        }
+        debug.finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
+    }
+}

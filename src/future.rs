@@ -1,0 +1,147 @@
+//! [`ResponseFuture`] of [`crate::OAuth2Service`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower::{BoxError, Service};
+
+use crate::cache::RefreshWait;
+use crate::error::Error;
+use crate::service::UsedTokenGeneration;
+
+pin_project! {
+    /// Response future of [`crate::OAuth2Service`]: waits for the token when it has to, then
+    /// for the inner service, and tags a 401 response with the token generation it was
+    /// answered for ([`UsedTokenGeneration`]).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        WaitingForToken {
+            token: RefreshWait,
+            inner: Option<S>,
+            request: Option<Request<B>>,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+            generation: u64,
+        },
+        Failed {
+            error: Option<Error>,
+        },
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn called(future: S::Future, generation: u64) -> Self {
+        Self {
+            state: State::Calling { future, generation },
+        }
+    }
+
+    pub(crate) fn waiting(token: RefreshWait, inner: S, request: Request<B>) -> Self {
+        Self {
+            state: State::WaitingForToken {
+                token,
+                inner: Some(inner),
+                request: Some(request),
+            },
+        }
+    }
+
+    pub(crate) fn failed(error: Error) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::WaitingForToken {
+                    token,
+                    inner,
+                    request,
+                } => {
+                    let local = ready!(token.as_mut().poll(cx))?;
+                    let (Some(mut inner), Some(mut request)) = (inner.take(), request.take())
+                    else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    request
+                        .headers_mut()
+                        .insert(AUTHORIZATION, local.authorization.clone());
+                    let future = inner.call(request);
+                    this.state.set(State::Calling {
+                        future,
+                        generation: local.generation,
+                    });
+                }
+                StateProj::Calling { future, generation } => {
+                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if response.status() == StatusCode::UNAUTHORIZED {
+                        response
+                            .extensions_mut()
+                            .insert(UsedTokenGeneration(*generation));
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => error.into(),
+                        None => polled_after_completion(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> BoxError {
+    "nuvy_oauth2::ResponseFuture polled after completion".into()
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::WaitingForToken { .. } => "waiting for token",
+            State::Calling { .. } => "calling inner service",
+            State::Failed { .. } => "failed",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

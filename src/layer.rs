@@ -1,0 +1,130 @@
+//! [`OAuth2Layer`]: the entry point. Owns one [`TokenCache`] and wraps services in
+//! [`OAuth2Service`].
+
+use bytes::Bytes;
+use http::Response;
+use http_body::Body;
+use tower::layer::util::Stack;
+use tower::retry::{Retry, RetryLayer};
+use tower::{BoxError, Layer, Service};
+
+use crate::cache::TokenCache;
+use crate::config::OAuth2Config;
+use crate::error::Error;
+use crate::retry::RetryOnUnauthorized;
+use crate::service::OAuth2Service;
+use crate::token::{TokenFetcher, TokenTransportRequest};
+
+/// Layer that authenticates requests with OAuth2 client credentials (RFC 6749 §4.4).
+///
+/// Every service it makes (and every clone of those) shares one [`TokenCache`]: one token, at
+/// most one token request in flight. `Clone` is cheap and shares the cache too.
+///
+/// # Example
+///
+/// ```no_run
+/// use http_body_util::Empty;
+/// use bytes::Bytes;
+/// use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+/// use nuvy_oauth2::{Environment, OAuth2Config, OAuth2Layer, ClientCredentials};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # async fn run() -> Result<(), tower::BoxError> {
+/// let config = OAuth2Config::builder(ClientCredentials::from_env()?)
+///     .environment(Environment::Production)
+///     .build()?;
+/// let https = hyper_rustls::HttpsConnectorBuilder::new()
+///     .with_webpki_roots()
+///     .https_only()
+///     .enable_http1()
+///     .build();
+/// let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(https);
+///
+/// let api = ServiceBuilder::new()
+///     .layer(OAuth2Layer::new(config)?.with_retry())
+///     .service(client);
+/// let response = api
+///     .oneshot(http::Request::get("https://prd.api.nuvy.ai/v1/ping").body(Empty::new())?)
+///     .await?;
+/// println!("{}", response.status());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct OAuth2Layer {
+    cache: TokenCache,
+    allow_insecure_http: bool,
+}
+
+/// [`OAuth2Layer`] with [`RetryOnUnauthorized`] outside it, as [`OAuth2Layer::with_retry`]
+/// builds it.
+pub type OAuth2RetryLayer = Stack<OAuth2Layer, RetryLayer<RetryOnUnauthorized>>;
+
+/// The service [`OAuth2RetryLayer`] makes: `Retry<RetryOnUnauthorized, OAuth2Service<S>>`.
+pub type OAuth2RetryService<S> = Retry<RetryOnUnauthorized, OAuth2Service<S>>;
+
+impl OAuth2Layer {
+    /// A layer whose token requests go over hyper-util's client with rustls (HTTPS, webpki
+    /// roots; plain http only if the configuration allows it). Needs no runtime to build; the
+    /// first request must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::InvalidConfig`] if the TLS setup or the token request cannot be built.
+    pub fn new(config: OAuth2Config) -> Result<Self, Error> {
+        let fetcher = TokenFetcher::with_default_transport(&config)?;
+        Ok(Self::from_parts(&config, fetcher))
+    }
+
+    /// A layer whose token requests go through `transport`, any tower service that sends an
+    /// `http::Request<Full<Bytes>>` and returns the response (a hyper-util client with your own
+    /// connector, a client with a proxy, ...). The token endpoint is never called through the
+    /// stack this layer builds.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::InvalidConfig`] if the token request cannot be built.
+    pub fn with_token_transport<T, B>(config: OAuth2Config, transport: T) -> Result<Self, Error>
+    where
+        T: Service<TokenTransportRequest, Response = Response<B>> + Clone + Send + Sync + 'static,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let fetcher = TokenFetcher::with_transport(&config, transport)?;
+        Ok(Self::from_parts(&config, fetcher))
+    }
+
+    fn from_parts(config: &OAuth2Config, fetcher: TokenFetcher) -> Self {
+        Self {
+            cache: TokenCache::new(fetcher),
+            allow_insecure_http: config.allow_insecure_http,
+        }
+    }
+
+    /// The token cache shared by every service of this layer: token request count, status
+    /// snapshot, explicit invalidation.
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// The 401 retry policy bound to this layer's cache, for building the stack by hand:
+    /// `ServiceBuilder::new().layer(RetryLayer::new(layer.retry_policy())).layer(layer)`.
+    pub fn retry_policy(&self) -> RetryOnUnauthorized {
+        RetryOnUnauthorized::new(self.cache.clone())
+    }
+
+    /// This layer with the 401 retry outside it: the usual stack in one layer. Makes an
+    /// [`OAuth2RetryService`].
+    pub fn with_retry(self) -> OAuth2RetryLayer {
+        let retry = RetryLayer::new(self.retry_policy());
+        Stack::new(self, retry)
+    }
+}
+
+impl<S> Layer<S> for OAuth2Layer {
+    type Service = OAuth2Service<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OAuth2Service::new(inner, self.cache.clone(), self.allow_insecure_http)
+    }
+}

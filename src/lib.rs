@@ -1,0 +1,96 @@
+//! OAuth2 client credentials (RFC 6749 §4.4) as tower middleware, for the Nuvy API and any
+//! RFC 6749 authorization server.
+//!
+//! [`OAuth2Layer`] wraps any `Service<http::Request<B>>` (hyper-util's client, a tonic
+//! channel, an axum handler's outbound client) in an [`OAuth2Service`] that attaches
+//! `Authorization: Bearer <access token>` to every request. The caller never sees a token:
+//!
+//! - the token is cached and reused, refreshed in the background before `expires_in` runs out,
+//!   and waited for only when it is absent or about to expire;
+//! - however many requests arrive at once, at most one token request is in flight;
+//! - a 401 from the API invalidates exactly the token it rejected, and
+//!   [`RetryOnUnauthorized`] (a `tower::retry::Policy`) sends the request once more;
+//! - secrets never appear in `Debug`, errors or logs, and the injected header is sensitive.
+//!
+//! # Example
+//!
+//! Against the embedded Nuvy-compatible server (feature `test-util`), so it runs offline:
+//!
+//! ```
+//! # #[cfg(feature = "test-util")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! use bytes::Bytes;
+//! use http_body_util::Empty;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use nuvy_oauth2::test_util::NuvyServer;
+//! use nuvy_oauth2::{ClientCredentials, OAuth2Config, OAuth2Layer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! let server = NuvyServer::start().await?;
+//! let config = OAuth2Config::builder(ClientCredentials::new(server.client_id(), server.client_secret()))
+//!     .token_endpoint(server.token_endpoint())
+//!     .allow_insecure_http(true) // loopback only
+//!     .build()?;
+//! let auth = OAuth2Layer::new(config)?;
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+//! let api = ServiceBuilder::new().layer(auth.clone().with_retry()).service(client);
+//!
+//! let request = http::Request::get(server.api_url("/v1/ping")).body(Empty::new())?;
+//! let response = api.oneshot(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(auth.token_cache().token_requests(), 1);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "test-util"))]
+//! # fn main() {}
+//! ```
+//!
+//! # Errors
+//!
+//! Services return `tower::BoxError`; the crate's own [`Error`] is inside it
+//! (`err.downcast_ref::<nuvy_oauth2::Error>()`), with a matchable [`ErrorKind`].
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod cache;
+mod config;
+mod error;
+mod future;
+mod layer;
+mod retry;
+mod secret;
+mod service;
+mod token;
+
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+pub use cache::{
+    RefreshReason, TokenCache, TokenCacheStatus, REFRESH_AHEAD_JITTER_PERCENT,
+    REFRESH_AHEAD_PERCENT,
+};
+pub use config::{
+    ClientAuthentication, ClientCredentials, Environment, OAuth2Config, OAuth2ConfigBuilder,
+    CLIENT_ID_ENV_VAR, CLIENT_SECRET_ENV_VAR, DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
+    DEFAULT_TOKEN_LIFETIME, DEFAULT_TOKEN_REQUEST_TIMEOUT, ENVIRONMENT_ENV_VAR, MAX_REFRESH_MARGIN,
+    MAX_TOKEN_LIFETIME, PRODUCTION_TOKEN_ENDPOINT, QA_TOKEN_ENDPOINT, REFRESH_MARGIN_PERCENT,
+};
+pub use error::{Error, ErrorKind, TokenErrorFields, MAX_SERVER_TEXT_CHARS};
+pub use future::ResponseFuture;
+pub use layer::{OAuth2Layer, OAuth2RetryLayer, OAuth2RetryService};
+pub use retry::{ReplayableBody, RetryOnUnauthorized};
+pub use secret::{AccessToken, ClientSecret};
+pub use service::{OAuth2Service, UsedTokenGeneration};
+pub use token::{TokenTransportBody, TokenTransportRequest};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

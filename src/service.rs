@@ -1,0 +1,154 @@
+//! [`OAuth2Service`]: attaches `Authorization: Bearer <access token>` to every request.
+
+use std::fmt;
+use std::mem;
+use std::task::{Context, Poll};
+
+use http::header::AUTHORIZATION;
+use http::uri::Scheme;
+use http::{Request, Response};
+use tokio::time::Instant;
+use tower::{BoxError, Service};
+
+use crate::cache::{LocalToken, Lookup, TokenCache};
+use crate::error::{Error, ErrorKind};
+use crate::future::ResponseFuture;
+
+/// Middleware that authenticates each request with the cached access token (RFC 6750 §2.1).
+/// Made by [`crate::OAuth2Layer`].
+///
+/// - **Warm path** (a valid token): one atomic load, one clock read, the header insert; no lock,
+///   no allocation beyond the header insert, and the inner service is called at once.
+/// - **Cold path** (no token, or inside its refresh margin): the request waits for the single
+///   shared refresh, then goes to the inner service that was polled ready.
+/// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it
+///   (`err.downcast_ref::<nuvy_oauth2::Error>()`); the inner service's errors pass through
+///   unchanged in the box. A plain-`http` request without
+///   [`allow_insecure_http`](crate::OAuth2ConfigBuilder::allow_insecure_http) fails with
+///   [`ErrorKind::InsecureScheme`] before anything is sent.
+/// - A 401 response carries [`UsedTokenGeneration`] in its extensions for
+///   [`crate::RetryOnUnauthorized`].
+///
+/// `Clone` is cheap: an `Arc` bump, the inner service's clone, and a refcount bump of the header.
+pub struct OAuth2Service<S> {
+    inner: S,
+    cache: TokenCache,
+    /// This clone's copy of the current token; refreshed from the cache when its generation
+    /// changes, so the warm path touches shared memory read-only.
+    local: Option<LocalToken>,
+    allow_insecure_http: bool,
+}
+
+/// The generation of the access token a request was sent with. Put into the extensions of 401
+/// responses only (so the non-401 path allocates nothing), and read by
+/// [`crate::RetryOnUnauthorized`] to invalidate exactly that token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedTokenGeneration(pub u64);
+
+impl<S> OAuth2Service<S> {
+    pub(crate) fn new(inner: S, cache: TokenCache, allow_insecure_http: bool) -> Self {
+        Self {
+            inner,
+            cache,
+            local: None,
+            allow_insecure_http,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The token cache this service shares with its layer and every clone.
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.cache
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for OAuth2Service<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if !self.allow_insecure_http && request.uri().scheme() != Some(&Scheme::HTTPS) {
+            return ResponseFuture::failed(Error::new(ErrorKind::InsecureScheme {
+                target: "API request",
+            }));
+        }
+        let now = Instant::now();
+        if let Some(local) = &self.local {
+            if local.generation == self.cache.current_generation() && now < local.refresh_at {
+                if now >= local.refresh_ahead_at {
+                    self.cache.start_refresh_ahead(local.generation);
+                }
+                let generation = local.generation;
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, local.authorization.clone());
+                return ResponseFuture::called(self.inner.call(request), generation);
+            }
+        }
+        match self.cache.lookup(now) {
+            Ok(Lookup::Ready(local)) => {
+                let generation = local.generation;
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, local.authorization.clone());
+                self.local = Some(local);
+                ResponseFuture::called(self.inner.call(request), generation)
+            }
+            Ok(Lookup::Wait(token)) => {
+                // Keep the service that was polled ready; leave a fresh clone in its place.
+                let clone = self.inner.clone();
+                let ready_inner = mem::replace(&mut self.inner, clone);
+                ResponseFuture::waiting(token, ready_inner, request)
+            }
+            Err(error) => ResponseFuture::failed(error),
+        }
+    }
+}
+
+impl<S: Clone> Clone for OAuth2Service<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            cache: self.cache.clone(),
+            local: self.local.clone(),
+            allow_insecure_http: self.allow_insecure_http,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for OAuth2Service<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2Service")
+            .field("inner", &self.inner)
+            .field("cache", &self.cache)
+            .field(
+                "local_generation",
+                &self.local.as_ref().map(|local| local.generation),
+            )
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .finish()
+    }
+}

@@ -1,0 +1,34 @@
+//! An embedded, Nuvy-compatible authorization server and protected API for offline tests,
+//! examples and benchmarks (feature `test-util`).
+//!
+//! [`NuvyServer`] is a real hyper HTTP/1.1 server on `127.0.0.1` with an OS-assigned port:
+//!
+//! - `POST /oauth2/token` behaves as the Nuvy docs describe: HTTP Basic credentials (raw or
+//!   RFC 6749 §2.3.1 encoded) or `client_secret_post`, `Content-Type:
+//!   application/x-www-form-urlencoded`, `grant_type=client_credentials`; 400 and 401 with RFC
+//!   6749 §5.2 JSON bodies; JWT-shaped access tokens with a configurable `expires_in`.
+//! - Every other path is the protected API: 200 JSON for a valid bearer token, 401 with
+//!   `WWW-Authenticate: Bearer error="invalid_token"` for a missing, unknown, revoked or expired
+//!   one.
+//!
+//! It counts requests, can revoke tokens, can play scripted token responses (status, headers,
+//! body, delay, or a hang), and shuts down when dropped.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! use nuvy_oauth2::test_util::NuvyServer;
+//! use std::time::Duration;
+//!
+//! let server = NuvyServer::builder().token_lifetime(Duration::from_secs(5)).start().await?;
+//! assert!(server.token_endpoint().ends_with("/oauth2/token"));
+//! assert_eq!(server.token_requests(), 0);
+//! # Ok(())
+//! # }
+//! ```
+
+mod server;
+
+pub use server::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};

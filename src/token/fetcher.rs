@@ -1,0 +1,160 @@
+//! [`TokenFetcher`]: sends one token request over its own transport (never through the
+//! `OAuth2Service` stack it serves), under its own timeout and body cap, and parses the reply.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceExt};
+
+use super::request::TokenRequestTemplate;
+use super::response::parse_token_response;
+use crate::config::OAuth2Config;
+use crate::error::{Error, ErrorKind};
+
+/// The request type a token transport receives: a complete `POST` with a form body.
+pub type TokenTransportRequest = Request<Full<Bytes>>;
+/// The response body type a token transport's responses are boxed into.
+pub type TokenTransportBody = UnsyncBoxBody<Bytes, BoxError>;
+
+type Transport = BoxCloneSyncService<TokenTransportRequest, Response<TokenTransportBody>, BoxError>;
+
+/// A token the endpoint granted, with the moment its request was sent.
+pub(crate) struct FetchedToken {
+    pub(crate) access_token: crate::secret::AccessToken,
+    pub(crate) authorization: http::HeaderValue,
+    pub(crate) lifetime: Duration,
+    /// When the token request was sent: expiry counts from here (RFC 6749 §5.1 `expires_in`
+    /// is relative to the response, which is later; counting from the request is the safe side).
+    pub(crate) requested_at: Instant,
+}
+
+/// Sends token requests. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct TokenFetcher {
+    transport: Transport,
+    template: Arc<TokenRequestTemplate>,
+    timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl TokenFetcher {
+    /// Over hyper-util's client with rustls and the webpki roots. HTTPS only unless the
+    /// configuration allows plain http. Redirects are never followed (hyper never does).
+    pub(crate) fn with_default_transport(config: &OAuth2Config) -> Result<Self, Error> {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|error| {
+                Error::with_source(
+                    ErrorKind::InvalidConfig("TLS setup failed".to_owned()),
+                    Box::new(error),
+                )
+            })?;
+        let connector = if config.allow_insecure_http {
+            builder.https_or_http().enable_http1().build()
+        } else {
+            builder.https_only().enable_http1().build()
+        };
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+        Self::with_transport(config, client)
+    }
+
+    /// Over any tower service that sends an HTTP request and returns the response.
+    pub(crate) fn with_transport<T, B>(config: &OAuth2Config, transport: T) -> Result<Self, Error>
+    where
+        T: Service<TokenTransportRequest, Response = Response<B>> + Clone + Send + Sync + 'static,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let transport = transport
+            .map_response(|response: Response<B>| {
+                response.map(|body| body.map_err(Into::into).boxed_unsync())
+            })
+            .map_err(Into::into);
+        Ok(Self {
+            transport: BoxCloneSyncService::new(transport),
+            template: Arc::new(TokenRequestTemplate::from_config(config)?),
+            timeout: config.token_request_timeout,
+            max_body_bytes: config.max_token_response_bytes,
+        })
+    }
+
+    /// Sends one token request and parses the reply.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] after the configured timeout; [`ErrorKind::Transport`];
+    /// [`ErrorKind::ResponseTooLarge`]; and every error of the response parser.
+    pub(crate) async fn fetch(&self) -> Result<FetchedToken, Error> {
+        let requested_at = Instant::now();
+        let exchange = async {
+            let response = self
+                .transport
+                .clone()
+                .oneshot(self.template.build())
+                .await
+                .map_err(|error| Error::with_source(ErrorKind::Transport, error))?;
+            let (parts, body) = response.into_parts();
+            let body = read_capped(body, self.max_body_bytes).await?;
+            let content_type = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok());
+            parse_token_response(parts.status, content_type, &body)
+        };
+        let grant = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| {
+                Error::new(ErrorKind::Timeout {
+                    after: self.timeout,
+                })
+            })??;
+        Ok(FetchedToken {
+            access_token: grant.access_token,
+            authorization: grant.authorization,
+            lifetime: grant.lifetime,
+            requested_at,
+        })
+    }
+}
+
+/// Reads a whole body, failing with [`ErrorKind::ResponseTooLarge`] as soon as it passes
+/// `limit` bytes (or announces more than that up front), so memory stays bounded.
+async fn read_capped(mut body: TokenTransportBody, limit: usize) -> Result<Vec<u8>, Error> {
+    let too_large = || Error::new(ErrorKind::ResponseTooLarge { limit });
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut collected = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| Error::with_source(ErrorKind::Transport, error))?;
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            collected.extend_from_slice(&data);
+        }
+    }
+    Ok(collected)
+}
+
+impl fmt::Debug for TokenFetcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenFetcher")
+            .field("request", &self.template)
+            .field("timeout", &self.timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}

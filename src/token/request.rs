@@ -1,0 +1,109 @@
+//! The token request (RFC 6749 §4.4.2), built once from the configuration and cloned per send.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Uri};
+use http_body_util::Full;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use crate::config::{ClientAuthentication, OAuth2Config};
+use crate::error::{Error, ErrorKind};
+
+/// RFC 6749 §2.3.1 / Appendix B: everything but `A-Z a-z 0-9 - . _ ~` is percent-encoded, so
+/// space becomes `%20` (never `+`), which form-decoding and percent-decoding servers read alike.
+const CLIENT_CREDENTIAL_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+const FORM_CONTENT_TYPE: HeaderValue =
+    HeaderValue::from_static("application/x-www-form-urlencoded");
+const JSON_ACCEPT: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The parts of a token request that never change: computed once, cloned per request.
+#[derive(Clone)]
+pub(crate) struct TokenRequestTemplate {
+    uri: Uri,
+    /// `Basic ...`, marked sensitive; `None` for `client_secret_post`.
+    authorization: Option<HeaderValue>,
+    /// The form body; holds the `client_secret` for `client_secret_post`.
+    body: Bytes,
+}
+
+impl TokenRequestTemplate {
+    pub(crate) fn from_config(config: &OAuth2Config) -> Result<Self, Error> {
+        let credentials = &config.credentials;
+        let client_id = credentials.client_id();
+        let client_secret = credentials.client_secret().expose_secret();
+
+        let basic = |user: &str, password: &str| -> Result<Option<HeaderValue>, Error> {
+            let encoded = BASE64.encode(format!("{user}:{password}"));
+            let mut value = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|_| {
+                Error::new(ErrorKind::InvalidConfig(
+                    "client credentials do not form a valid header".to_owned(),
+                ))
+            })?;
+            value.set_sensitive(true);
+            Ok(Some(value))
+        };
+        let form_encode =
+            |value: &str| utf8_percent_encode(value, CLIENT_CREDENTIAL_ENCODE_SET).to_string();
+
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        let authorization = match config.client_authentication {
+            ClientAuthentication::BasicRaw => basic(client_id, client_secret)?,
+            ClientAuthentication::BasicFormEncoded => {
+                basic(&form_encode(client_id), &form_encode(client_secret))?
+            }
+            ClientAuthentication::RequestBody => {
+                form.append_pair("client_id", client_id);
+                form.append_pair("client_secret", client_secret);
+                None
+            }
+        };
+        if let Some(scope) = &config.scope {
+            form.append_pair("scope", scope);
+        }
+        if let Some(audience) = &config.audience {
+            form.append_pair("audience", audience);
+        }
+        if let Some(resource) = &config.resource {
+            form.append_pair("resource", resource);
+        }
+        for (name, value) in &config.extra_parameters {
+            form.append_pair(name, value);
+        }
+        Ok(Self {
+            uri: config.token_endpoint.clone(),
+            authorization,
+            body: Bytes::from(form.finish()),
+        })
+    }
+
+    /// A fresh token request: `POST`, form body, `Accept: application/json`, the client
+    /// authentication of the configured style.
+    pub(crate) fn build(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(CONTENT_TYPE, FORM_CONTENT_TYPE);
+        headers.insert(ACCEPT, JSON_ACCEPT);
+        if let Some(authorization) = &self.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        request
+    }
+}
+
+impl std::fmt::Debug for TokenRequestTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRequestTemplate")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
