@@ -238,10 +238,9 @@ async fn target_from_args() -> Result<Target, BoxError> {
     }
     let api_url = api_url.ok_or("--api-url is required against a real deployment")?;
     let builder = OAuth2Config::builder(ClientCredentials::from_env()?);
-    let builder = match (environment, token_endpoint) {
-        (_, Some(url)) => builder.token_endpoint(url),
-        (Some(environment), None) => builder.environment(environment),
-        (None, None) => unreachable!("handled above"),
+    let builder = match token_endpoint {
+        Some(url) => builder.token_endpoint(url),
+        None => builder.environment(environment.unwrap_or(Environment::Production)),
     };
     Ok(Target {
         config: builder.build()?,

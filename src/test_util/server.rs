@@ -69,6 +69,7 @@ impl NuvyServerBuilder {
                 tokens: HashMap::new(),
                 last_token_request: None,
                 last_api_authorization: None,
+                reject_all_api_requests: false,
             }),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
@@ -197,6 +198,7 @@ struct Knobs {
     tokens: HashMap<String, IssuedToken>,
     last_token_request: Option<RecordedRequest>,
     last_api_authorization: Option<HeaderValue>,
+    reject_all_api_requests: bool,
 }
 
 struct ServerState {
@@ -332,6 +334,12 @@ impl NuvyServer {
         for _ in 0..count {
             self.push_token_response(ScriptedResponse::normal().delay(delay));
         }
+    }
+
+    /// While `true`, the API answers 401 `invalid_token` to every request, even with a valid
+    /// token (a server that rejects fresh tokens).
+    pub fn reject_all_api_requests(&self, reject: bool) {
+        self.state.knobs().reject_all_api_requests = reject;
     }
 
     /// The most recent token request as received.
@@ -560,11 +568,12 @@ impl ServerState {
         let valid = {
             let mut knobs = self.knobs();
             knobs.last_api_authorization = authorization.cloned();
-            authorization
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .and_then(|token| knobs.tokens.get(token))
-                .is_some_and(|issued| !issued.revoked && Instant::now() < issued.expires_at)
+            !knobs.reject_all_api_requests
+                && authorization
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.strip_prefix("Bearer "))
+                    .and_then(|token| knobs.tokens.get(token))
+                    .is_some_and(|issued| !issued.revoked && Instant::now() < issued.expires_at)
         };
         if !valid {
             self.api_unauthorized.fetch_add(1, Ordering::SeqCst);

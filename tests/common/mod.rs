@@ -1,0 +1,67 @@
+//! Shared helpers: every test talks HTTP to the embedded server on loopback.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use nuvy_oauth2::test_util::NuvyServer;
+use nuvy_oauth2::{
+    ClientCredentials, OAuth2Config, OAuth2ConfigBuilder, OAuth2Layer, OAuth2RetryService,
+};
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type Api = OAuth2RetryService<HttpClient>;
+
+pub async fn server(lifetime: Duration) -> NuvyServer {
+    NuvyServer::builder()
+        .token_lifetime(lifetime)
+        .start()
+        .await
+        .expect("bind 127.0.0.1")
+}
+
+pub fn config_builder(server: &NuvyServer) -> OAuth2ConfigBuilder {
+    OAuth2Config::builder(ClientCredentials::new(
+        server.client_id(),
+        server.client_secret(),
+    ))
+    .token_endpoint(server.token_endpoint())
+    .allow_insecure_http(true)
+}
+
+pub fn layer(server: &NuvyServer) -> OAuth2Layer {
+    OAuth2Layer::new(config_builder(server).build().expect("config")).expect("layer")
+}
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// The usual stack: 401 retry outside the auth service, hyper-util's client inside.
+pub fn api(layer: &OAuth2Layer) -> Api {
+    ServiceBuilder::new()
+        .layer(layer.clone().with_retry())
+        .service(http_client())
+}
+
+pub fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::default()).expect("request")
+}
+
+pub async fn status_of(api: Api, request: Request<Full<Bytes>>) -> Result<StatusCode, BoxError> {
+    let response: Response<_> = api.oneshot(request).await?;
+    Ok(response.status())
+}
+
+/// The crate's error inside a service error.
+pub fn crate_error(error: &BoxError) -> &nuvy_oauth2::Error {
+    error
+        .downcast_ref::<nuvy_oauth2::Error>()
+        .unwrap_or_else(|| panic!("not a nuvy_oauth2::Error: {error}"))
+}

@@ -1,0 +1,139 @@
+//! The 401 retry: one refresh, one replay, never a loop.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::task::JoinSet;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+#[tokio::test]
+async fn a_401_from_the_api_causes_one_refresh_and_one_retry() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+
+    server.revoke_all_tokens();
+    assert_eq!(
+        status_of(api.clone(), get(&url)).await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(server.token_requests(), 2);
+    assert_eq!(server.api_unauthorized(), 1);
+    assert_eq!(server.api_requests(), 3);
+    assert_eq!(layer.token_cache().unauthorized_retries(), 1);
+}
+
+#[tokio::test]
+async fn a_persistent_401_is_returned_after_one_retry() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.reject_all_api_requests(true);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let status = status_of(api, get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        server.api_requests(),
+        2,
+        "the original and exactly one replay"
+    );
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_401s_for_the_same_token_cause_one_refresh() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+
+    server.revoke_all_tokens();
+    let mut calls = JoinSet::new();
+    for _ in 0..100 {
+        calls.spawn(status_of(api.clone(), get(&url)));
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "one initial token, one refresh for the burst"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_request_keeps_its_method_and_body() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/orders");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    server.revoke_all_tokens();
+
+    let request = http::Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"{\"qty\":3}")))
+        .unwrap();
+    let response = api.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["method"], "POST");
+    assert_eq!(json["body_bytes"], 9);
+}
+
+#[tokio::test]
+async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
+    type Streaming = UnsyncBoxBody<Bytes, BoxError>;
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let client = Client::builder(TokioExecutor::new()).build_http::<Streaming>();
+    let api = ServiceBuilder::new()
+        .layer(layer.clone().with_retry())
+        .service(client);
+    let url = server.api_url("/v1/upload");
+    let body = || {
+        Full::new(Bytes::from_static(b"chunk"))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    };
+    let request = http::Request::post(&url).body(body()).unwrap();
+    assert_eq!(
+        api.clone().oneshot(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    server.revoke_all_tokens();
+    let request = http::Request::post(&url).body(body()).unwrap();
+    let response = api.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(server.api_requests(), 2, "never replayed");
+    // The rejected generation is on the response, for callers that invalidate by hand.
+    let nuvy_oauth2::UsedTokenGeneration(generation) = *response.extensions().get().unwrap();
+    assert!(layer.token_cache().invalidate(generation));
+    let request = http::Request::post(&url).body(body()).unwrap();
+    assert_eq!(api.oneshot(request).await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn non_401_responses_are_never_retried() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    // 405 from the token path acting as an "API" route is not a 401: returned once.
+    let status = status_of(api, get(&server.token_endpoint())).await.unwrap();
+    assert_ne!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(layer.token_cache().unauthorized_retries(), 0);
+}
