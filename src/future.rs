@@ -34,9 +34,8 @@ pin_project! {
         S: Service<Request<B>>,
     {
         WaitingForToken {
-            token: RefreshWait,
-            inner: Option<S>,
-            request: Option<Request<B>>,
+            // Boxed so the warm path's future stays as small as the inner future.
+            waiting: Option<Box<Waiting<S, B>>>,
         },
         Calling {
             #[pin]
@@ -47,6 +46,14 @@ pin_project! {
             error: Option<Error>,
         },
     }
+}
+
+/// What a request waiting for the token holds: the refresh, the inner service that was
+/// polled ready, and the request.
+struct Waiting<S, B> {
+    token: RefreshWait,
+    inner: S,
+    request: Request<B>,
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -62,9 +69,11 @@ where
     pub(crate) fn waiting(token: RefreshWait, inner: S, request: Request<B>) -> Self {
         Self {
             state: State::WaitingForToken {
-                token,
-                inner: Some(inner),
-                request: Some(request),
+                waiting: Some(Box::new(Waiting {
+                    token,
+                    inner,
+                    request,
+                })),
             },
         }
     }
@@ -87,16 +96,19 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::WaitingForToken {
-                    token,
-                    inner,
-                    request,
-                } => {
-                    let local = ready!(token.as_mut().poll(cx))?;
-                    let (Some(mut inner), Some(mut request)) = (inner.take(), request.take())
-                    else {
+                StateProj::WaitingForToken { waiting } => {
+                    let Some(pending) = waiting.as_mut() else {
                         return Poll::Ready(Err(polled_after_completion()));
                     };
+                    let local = ready!(pending.token.as_mut().poll(cx))?;
+                    let Some(waiting) = waiting.take() else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    let Waiting {
+                        mut inner,
+                        mut request,
+                        ..
+                    } = *waiting;
                     request
                         .headers_mut()
                         .insert(AUTHORIZATION, local.authorization.clone());
