@@ -21,7 +21,11 @@ fn hot_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("hot_path");
     group.throughput(Throughput::Elements(1));
     group.bench_function("a_bare", |b| {
-        b.iter_batched(request, |r| call_now(&mut variants.bare, r), criterion::BatchSize::SmallInput)
+        b.iter_batched(
+            request,
+            |r| call_now(&mut variants.bare, r),
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.bench_function("b_static_header", |b| {
         b.iter_batched(
@@ -38,7 +42,11 @@ fn hot_path(c: &mut Criterion) {
         )
     });
     group.bench_function("d_ours", |b| {
-        b.iter_batched(request, |r| call_now(&mut variants.ours, r), criterion::BatchSize::SmallInput)
+        b.iter_batched(
+            request,
+            |r| call_now(&mut variants.ours, r),
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.bench_function("e_ours_with_retry", |b| {
         b.iter_batched(
@@ -48,7 +56,11 @@ fn hot_path(c: &mut Criterion) {
         )
     });
     group.finish();
-    assert_eq!(variants.server.token_requests(), 1, "the warm path never fetched");
+    assert_eq!(
+        variants.server.token_requests(),
+        1,
+        "the warm path never fetched"
+    );
 }
 
 async fn drive<S>(service: S, tasks: usize, iters: u64) -> Duration
@@ -73,7 +85,9 @@ where
         handle.await.unwrap();
     }
     // Report per requested iteration so widths compare.
-    start.elapsed().mul_f64(iters as f64 / (per_task * tasks as u64) as f64)
+    start
+        .elapsed()
+        .mul_f64(iters as f64 / (per_task * tasks as u64) as f64)
 }
 
 fn contention(c: &mut Criterion) {
@@ -100,7 +114,11 @@ fn contention(c: &mut Criterion) {
         variant!("e_ours_with_retry", variants.ours_with_retry);
     }
     group.finish();
-    assert_eq!(variants.server.token_requests(), 1, "the warm path never fetched");
+    assert_eq!(
+        variants.server.token_requests(),
+        1,
+        "the warm path never fetched"
+    );
 }
 
 criterion_group! {

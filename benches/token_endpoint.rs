@@ -41,10 +41,16 @@ fn layer_for(server: &NuvyServer) -> OAuth2Layer {
 }
 
 /// One token request by hand, as the baseline round trip.
-async fn bare_token_round_trip(client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, server: &NuvyServer) {
+async fn bare_token_round_trip(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    server: &NuvyServer,
+) {
     use base64::Engine as _;
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", server.client_id(), server.client_secret()));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        server.client_id(),
+        server.client_secret()
+    ));
     let request = http::Request::post(server.token_endpoint())
         .header("authorization", format!("Basic {basic}"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -52,7 +58,9 @@ async fn bare_token_round_trip(client: &Client<hyper_util::client::legacy::conne
         .unwrap();
     let response = client.request(request).await.unwrap();
     assert_eq!(response.status(), 200);
-    http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+    http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
 }
 
 fn cold_start(c: &mut Criterion) {
@@ -66,33 +74,37 @@ fn cold_start(c: &mut Criterion) {
             .iter(|| bare_token_round_trip(&client, &server))
     });
     for callers in [1usize, 100, 10_000] {
-        group.bench_with_input(BenchmarkId::new("callers", callers), &callers, |b, &callers| {
-            b.to_async(&runtime).iter_custom(|iters| {
-                let server = &server;
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let layer = layer_for(server);
-                        let service = layer.layer(Trivial);
-                        let start = Instant::now();
-                        let mut calls = Vec::with_capacity(callers);
-                        for _ in 0..callers {
-                            calls.push(tokio::spawn(service.clone().oneshot(request())));
+        group.bench_with_input(
+            BenchmarkId::new("callers", callers),
+            &callers,
+            |b, &callers| {
+                b.to_async(&runtime).iter_custom(|iters| {
+                    let server = &server;
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let layer = layer_for(server);
+                            let service = layer.layer(Trivial);
+                            let start = Instant::now();
+                            let mut calls = Vec::with_capacity(callers);
+                            for _ in 0..callers {
+                                calls.push(tokio::spawn(service.clone().oneshot(request())));
+                            }
+                            for call in calls {
+                                call.await.unwrap().unwrap();
+                            }
+                            total += start.elapsed();
+                            assert_eq!(
+                                layer.token_cache().token_requests(),
+                                1,
+                                "{callers} cold callers must share one token request"
+                            );
                         }
-                        for call in calls {
-                            call.await.unwrap().unwrap();
-                        }
-                        total += start.elapsed();
-                        assert_eq!(
-                            layer.token_cache().token_requests(),
-                            1,
-                            "{callers} cold callers must share one token request"
-                        );
+                        total
                     }
-                    total
-                }
-            })
-        });
+                })
+            },
+        );
     }
     group.finish();
     println!(

@@ -71,8 +71,9 @@ pub enum ErrorKind {
         /// `"token endpoint"` or `"API request"`.
         target: &'static str,
     },
-    /// The token endpoint refused the request with an OAuth2 error (RFC 6749 §5.2): a 400 or
-    /// 401 (or a 2xx body that carries an `error` field).
+    /// The token endpoint refused the request with an OAuth2 error (RFC 6749 §5.2): any 400 or
+    /// 401; another 4xx (but 408 and 429) whose JSON body has an `error` field; or a 2xx body
+    /// that carries an `error` field.
     TokenRequestRejected {
         /// The HTTP status of the token response.
         status: StatusCode,
@@ -86,6 +87,8 @@ pub enum ErrorKind {
         status: StatusCode,
         /// The `Content-Type` of the body, if any.
         content_type: Option<String>,
+        /// The `Retry-After` delay in seconds, when the response carried one (429, 503).
+        retry_after: Option<Duration>,
     },
     /// A token response could not be used: not JSON, missing or empty `access_token`, an
     /// `expires_in` that is zero, negative or not a number, an access token that is not a valid
@@ -172,6 +175,21 @@ impl Error {
         }
     }
 
+    /// The `Retry-After` delay the token endpoint asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match &self.inner.kind {
+            ErrorKind::UnexpectedStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// True when a later token request may succeed without a configuration change (timeouts,
+    /// transport errors, 5xx, 429); false for rejected credentials or grant and for unusable
+    /// token responses.
+    pub fn is_transient(&self) -> bool {
+        crate::cache::is_transient(self)
+    }
+
     /// True for a token request timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self.inner.kind, ErrorKind::Timeout { .. })
@@ -223,6 +241,7 @@ impl fmt::Display for Error {
             ErrorKind::UnexpectedStatus {
                 status,
                 content_type,
+                ..
             } => {
                 write!(f, "token endpoint answered {status}")?;
                 if let Some(content_type) = content_type {

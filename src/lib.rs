@@ -74,7 +74,8 @@ mod token;
 pub mod test_util;
 
 pub use cache::{
-    RefreshReason, TokenCache, TokenCacheStatus, REFRESH_AHEAD_JITTER_PERCENT,
+    RefreshReason, TokenCache, TokenCacheStatus, MAX_FAILURE_BACKOFF, MAX_RETRY_AFTER,
+    MIN_FAILURE_BACKOFF, PERMANENT_FAILURE_PAUSE, REFRESH_AHEAD_JITTER_PERCENT,
     REFRESH_AHEAD_PERCENT,
 };
 pub use config::{

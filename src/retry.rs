@@ -14,15 +14,17 @@ use crate::service::UsedTokenGeneration;
 
 /// Retries a request once when the API answers 401 to the token it carried.
 ///
-/// On a 401 whose response carries [`UsedTokenGeneration`] (put there by
-/// [`crate::OAuth2Service`]), the policy invalidates that generation (a no-op if a newer token
-/// is already cached, so a burst of 401s causes one refresh) and lets `tower::retry::Retry`
-/// send the saved copy of the request again; the copy then waits for the fresh token through
-/// the same single flight. A second 401 is returned to the caller as it is: never a loop.
+/// On a 401 whose response carries [`UsedTokenGeneration`] ([`crate::OAuth2Service`] puts it
+/// there, and invalidates that token generation, only when the 401 is about the token; never
+/// on 403 or `insufficient_scope`), the policy lets `tower::retry::Retry` send the saved copy
+/// of the request again; the copy then waits for the fresh token through the same single
+/// flight (a burst of 401s for one token causes one refresh). A second 401 is returned to the
+/// caller as it is: never a loop.
 ///
 /// **Replay needs a copy of the body.** The copy is taken before the request is sent, through
 /// [`ReplayableBody`]. Bodies that cannot be copied (streams such as
-/// `hyper::body::Incoming`, boxed bodies) are sent once, and their 401 comes back unchanged.
+/// `hyper::body::Incoming`, boxed bodies) are sent once, and their 401 comes back unchanged;
+/// the token is invalidated all the same, so the next request gets a new one.
 ///
 /// Place it outside the [`crate::OAuth2Service`] so the replay gets the new token:
 /// [`crate::OAuth2Layer::with_retry`] does it in one layer.
@@ -59,8 +61,8 @@ where
         if response.status() != StatusCode::UNAUTHORIZED {
             return None;
         }
-        let UsedTokenGeneration(generation) = *response.extensions().get()?;
-        self.cache.invalidate(generation);
+        // Present only on a 401 about the token; the service already invalidated it.
+        response.extensions().get::<UsedTokenGeneration>()?;
         self.cache.record_unauthorized_retry();
         self.retried = true;
         Some(ready(()))

@@ -23,10 +23,12 @@ use crate::future::ResponseFuture;
 ///   shared refresh, then goes to the inner service that was polled ready.
 /// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it
 ///   (`err.downcast_ref::<nuvy_oauth2::Error>()`); the inner service's errors pass through
-///   unchanged in the box. A plain-`http` request without
+///   unchanged in the box. A request whose URI says `http://` without
 ///   [`allow_insecure_http`](crate::OAuth2ConfigBuilder::allow_insecure_http) fails with
 ///   [`ErrorKind::InsecureScheme`] before anything is sent.
-/// - A 401 response carries [`UsedTokenGeneration`] in its extensions for
+/// - A 401 about the token (no `WWW-Authenticate`, or a `Bearer` challenge with
+///   `error="invalid_token"` or no error) invalidates the token it was answered for, whether or
+///   not the request is replayed, and carries [`UsedTokenGeneration`] in its extensions for
 ///   [`crate::RetryOnUnauthorized`].
 ///
 /// `Clone` is cheap: an `Arc` bump, the inner service's clone, and a refcount bump of the header.
@@ -90,7 +92,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if !self.allow_insecure_http && request.uri().scheme() != Some(&Scheme::HTTPS) {
+        // A URI without a scheme (tonic's `/package.Service/Method`) leaves the connection's
+        // security to the transport below, which chose it; an explicit `http` is refused.
+        if !self.allow_insecure_http && request.uri().scheme() == Some(&Scheme::HTTP) {
             return ResponseFuture::failed(Error::new(ErrorKind::InsecureScheme {
                 target: "API request",
             }));
@@ -105,7 +109,8 @@ where
                 request
                     .headers_mut()
                     .insert(AUTHORIZATION, local.authorization.clone());
-                return ResponseFuture::called(self.inner.call(request), generation);
+                let future = self.inner.call(request);
+                return ResponseFuture::called(future, generation, self.cache.clone());
             }
         }
         match self.cache.lookup(now) {
@@ -115,13 +120,14 @@ where
                     .headers_mut()
                     .insert(AUTHORIZATION, local.authorization.clone());
                 self.local = Some(local);
-                ResponseFuture::called(self.inner.call(request), generation)
+                let future = self.inner.call(request);
+                ResponseFuture::called(future, generation, self.cache.clone())
             }
             Ok(Lookup::Wait(token)) => {
                 // Keep the service that was polled ready; leave a fresh clone in its place.
                 let clone = self.inner.clone();
                 let ready_inner = mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(token, ready_inner, request)
+                ResponseFuture::waiting(token, ready_inner, request, self.cache.clone())
             }
             Err(error) => ResponseFuture::failed(error),
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use nuvy_oauth2::test_util::ScriptedResponse;
-use nuvy_oauth2::ErrorKind;
+use nuvy_oauth2::{ErrorKind, OAuth2Layer};
 use tokio::task::JoinSet;
 use tokio_test::{assert_pending, task};
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -184,12 +184,102 @@ async fn an_endpoint_failure_reaches_every_waiter_and_the_next_call_succeeds() {
     assert_eq!(status.consecutive_failures, 1);
     assert!(status.last_error.is_some());
 
+    // Past the failure backoff, the next call tries again and succeeds.
+    tokio::time::advance(nuvy_oauth2::MIN_FAILURE_BACKOFF).await;
     assert_eq!(
         status_of(api.clone(), get(&url)).await.unwrap(),
         StatusCode::OK
     );
     assert_eq!(server.token_requests(), 2);
     assert_eq!(layer.token_cache().status().consecutive_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn during_the_failure_pause_callers_without_a_token_get_the_last_error_at_once() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.fail_next_token_requests(1, 401);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    for _ in 0..50 {
+        let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+        assert!(crate_error(&error).is_invalid_client());
+    }
+    assert_eq!(
+        server.token_requests(),
+        1,
+        "a permanent failure is not retried in a loop"
+    );
+    tokio::time::advance(nuvy_oauth2::PERMANENT_FAILURE_PAUSE).await;
+    assert_eq!(
+        status_of(api.clone(), get(&url)).await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_refresh_inside_the_margin_keeps_serving_the_still_valid_token() {
+    // 600 s lifetime: margin 60 s; at 560 s the token must be refreshed but is still valid.
+    let server = server(Duration::from_secs(600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    let first = server.last_api_authorization().unwrap();
+    tokio::time::advance(Duration::from_secs(560)).await;
+    server.fail_next_token_requests(3, 503);
+    for _ in 0..3 {
+        assert_eq!(
+            status_of(api.clone(), get(&url)).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(server.last_api_authorization().unwrap(), first);
+    }
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "one failed refresh, then the backoff holds"
+    );
+    let status = layer.token_cache().status();
+    assert_eq!(status.consecutive_failures, 1);
+    assert_eq!(
+        status.last_error.unwrap().status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_token_endpoint_times_out_for_waiters_but_not_for_a_valid_token() {
+    let server = server(Duration::from_secs(1000)).await;
+    let layer = OAuth2Layer::new(
+        config_builder(&server)
+            .token_request_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    server.push_token_response(ScriptedResponse::hang());
+    let started = tokio::time::Instant::now();
+    let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+    assert!(crate_error(&error).is_timeout());
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+    // With a valid token, a hanging refresh-ahead never holds a request up.
+    tokio::time::advance(nuvy_oauth2::MAX_FAILURE_BACKOFF).await;
+    status_of(api.clone(), get(&url)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(850)).await;
+    server.push_token_response(ScriptedResponse::hang());
+    let started = tokio::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(
+            status_of(api.clone(), get(&url)).await.unwrap(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
 #[tokio::test]

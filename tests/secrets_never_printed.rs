@@ -35,7 +35,7 @@ fn assert_clean(text: &str, secrets: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     let logs = Captured::default();
     let writer = logs.clone();
@@ -85,6 +85,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
             .invalidate(layer.token_cache().current_generation());
         server.push_token_response(scripted);
         errors.push(status_of(api.clone(), get(&url)).await.unwrap_err());
+        tokio::time::advance(nuvy_oauth2::PERMANENT_FAILURE_PAUSE).await;
     }
     let wrong = OAuth2Layer::new(
         OAuth2Config::builder(ClientCredentials::new(server.client_id(), "wrong-secret"))
@@ -111,6 +112,11 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         printed.push('\n');
     };
     print(format!("{:?}", ClientSecret::new(SECRET)));
+    print(format!(
+        "{:?}",
+        nuvy_oauth2::test_util::NuvyServer::builder().client_secret(SECRET)
+    ));
+    print(format!("{server:?}"));
     print(format!("{credentials:?}"));
     print(format!("{builder:?}"));
     print(format!("{config:?}"));

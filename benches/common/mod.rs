@@ -111,8 +111,8 @@ impl Variants {
             .unwrap();
         let token = layer.token_cache().access_token().unwrap();
         let header = bearer_like_ours(token.expose_secret());
-        let static_header = SetRequestHeaderLayer::overriding(AUTHORIZATION, header.clone())
-            .layer(Trivial);
+        let static_header =
+            SetRequestHeaderLayer::overriding(AUTHORIZATION, header.clone()).layer(Trivial);
         let mutex_cache = MutexCache {
             inner: Trivial,
             token: Arc::new(Mutex::new(Some((

@@ -11,11 +11,12 @@
 //!   background refresh while everyone keeps using the current token; callers wait only inside
 //!   the refresh margin or with no token at all.
 
+mod backoff;
 mod refresh;
 mod timing;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -26,6 +27,10 @@ use crate::error::Error;
 use crate::secret::AccessToken;
 use crate::token::TokenFetcher;
 
+pub(crate) use backoff::is_transient;
+pub use backoff::{
+    MAX_FAILURE_BACKOFF, MAX_RETRY_AFTER, MIN_FAILURE_BACKOFF, PERMANENT_FAILURE_PAUSE,
+};
 pub use refresh::RefreshReason;
 pub(crate) use refresh::RefreshWait;
 pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
@@ -64,14 +69,18 @@ struct State {
     in_flight: Option<refresh::InFlight>,
     last_generation: u64,
     last_error: Option<Error>,
+    /// After a failed token request, no new one is sent before this moment.
+    retry_not_before: Option<Instant>,
+    /// Identifies refreshes, so a late one cannot clear a newer one's in-flight slot.
+    last_flight_id: u64,
 }
 
 struct Shared {
     /// Generation of `state.current` while it is usable, [`NO_TOKEN`] otherwise. Written only
     /// under the `state` lock; read lock-free on every request.
     generation: CacheLine<AtomicU64>,
-    /// Set by the first request that notices the refresh-ahead point of the current token.
-    refresh_ahead_claimed: AtomicBool,
+    /// The highest generation whose refresh-ahead was claimed by a request.
+    refresh_ahead_claimed: AtomicU64,
     state: Mutex<State>,
     fetcher: TokenFetcher,
     token_requests: AtomicU64,
@@ -122,12 +131,14 @@ impl TokenCache {
         Self {
             shared: Arc::new(Shared {
                 generation: CacheLine(AtomicU64::new(NO_TOKEN)),
-                refresh_ahead_claimed: AtomicBool::new(false),
+                refresh_ahead_claimed: AtomicU64::new(NO_TOKEN),
                 state: Mutex::new(State {
                     current: None,
                     in_flight: None,
                     last_generation: NO_TOKEN,
                     last_error: None,
+                    retry_not_before: None,
+                    last_flight_id: 0,
                 }),
                 fetcher,
                 token_requests: AtomicU64::new(0),
@@ -211,7 +222,10 @@ impl TokenCache {
     }
 
     /// The slow path: a copy of the cached token if it is valid at `now`, else a wait on the
-    /// one refresh (started here if none is in flight).
+    /// one refresh (started here if none is in flight and no failure pause is running).
+    ///
+    /// During a failure pause: a token that has not yet reached `expires_at` is still served;
+    /// without one, the last error comes back at once instead of a new token request.
     pub(crate) fn lookup(&self, now: Instant) -> Result<Lookup, Error> {
         let mut state = self.lock();
         if let Some(current) = &state.current {
@@ -224,6 +238,24 @@ impl TokenCache {
                 return Ok(Lookup::Ready(local));
             }
         }
+        let paused = state.retry_not_before.is_some_and(|until| now < until);
+        let in_flight = state
+            .in_flight
+            .as_ref()
+            .is_some_and(refresh::InFlight::is_live);
+        if paused && !in_flight {
+            if let Some(current) = state
+                .current
+                .as_ref()
+                .filter(|token| now < token.expires_at)
+            {
+                return Ok(Lookup::Ready(current.local.clone()));
+            }
+            return Err(state
+                .last_error
+                .clone()
+                .unwrap_or_else(|| Error::new(crate::error::ErrorKind::RefreshAborted)));
+        }
         let reason = if state.current.is_some() {
             RefreshReason::Expired
         } else if state.last_generation == NO_TOKEN {
@@ -234,22 +266,35 @@ impl TokenCache {
         refresh::join_or_start(self, &mut state, reason).map(Lookup::Wait)
     }
 
+    /// The current token if it has not reached `expires_at` (used when a refresh inside the
+    /// margin fails: a still-valid token keeps being served).
+    pub(crate) fn still_valid_token(&self, now: Instant) -> Option<LocalToken> {
+        let state = self.lock();
+        state
+            .current
+            .as_ref()
+            .filter(|token| now < token.expires_at)
+            .map(|token| token.local.clone())
+    }
+
     /// Starts a background refresh for the token of `generation` unless one was already
-    /// claimed for it. Never waits; lock-free after the first call per token.
+    /// claimed for it (or a newer one). Never waits; lock-free after the first call per token.
     pub(crate) fn start_refresh_ahead(&self, generation: u64) {
-        if self
+        let claimed = self
             .shared
             .refresh_ahead_claimed
-            .swap(true, Ordering::AcqRel)
-        {
+            .fetch_max(generation, Ordering::AcqRel);
+        if claimed >= generation {
             return;
         }
+        let now = Instant::now();
         let mut state = self.lock();
         let still_current = state
             .current
             .as_ref()
             .is_some_and(|token| token.local.generation == generation);
-        if still_current {
+        let paused = state.retry_not_before.is_some_and(|until| now < until);
+        if still_current && !paused {
             // An error here (no runtime) is recorded in the status; the token stays usable.
             if let Err(error) =
                 refresh::join_or_start(self, &mut state, RefreshReason::RefreshAhead)

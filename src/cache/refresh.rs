@@ -4,11 +4,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use super::backoff::pause_after;
 use super::timing::schedule;
 use super::{CachedToken, LocalToken, State, TokenCache};
 use crate::error::{Error, ErrorKind};
@@ -46,6 +48,7 @@ pub(crate) type RefreshWait = Pin<Box<dyn Future<Output = Result<LocalToken, Err
 
 /// The refresh in flight, as stored in the cache state.
 pub(crate) struct InFlight {
+    id: u64,
     outcome: watch::Receiver<Outcome>,
 }
 
@@ -63,12 +66,15 @@ pub(crate) fn join_or_start(
     reason: RefreshReason,
 ) -> Result<RefreshWait, Error> {
     if let Some(in_flight) = state.in_flight.as_ref().filter(|f| f.is_live()) {
-        return Ok(wait(in_flight.outcome.clone()));
+        return Ok(wait(cache.clone(), in_flight.id, in_flight.outcome.clone()));
     }
     let runtime =
         tokio::runtime::Handle::try_current().map_err(|_| Error::new(ErrorKind::NoRuntime))?;
     let (sender, receiver) = watch::channel(None);
+    state.last_flight_id += 1;
+    let id = state.last_flight_id;
     state.in_flight = Some(InFlight {
+        id,
         outcome: receiver.clone(),
     });
     cache.shared.token_requests.fetch_add(1, Ordering::Relaxed);
@@ -78,37 +84,55 @@ pub(crate) fn join_or_start(
         async move {
             let started = Instant::now();
             let result = task_cache.shared.fetcher.fetch().await;
-            let outcome = complete(&task_cache, result, started);
+            let outcome = complete(&task_cache, id, result, started);
             // Nobody waiting is fine: the token is cached all the same.
             let _ = sender.send(Some(outcome));
         }
         .instrument(span),
     );
-    Ok(wait(receiver))
+    Ok(wait(cache.clone(), id, receiver))
 }
 
-fn wait(mut outcome: watch::Receiver<Outcome>) -> RefreshWait {
+/// Extra time a waiter gives the refresh beyond the token request timeout before it stops
+/// waiting on its own (the refresh task's runtime may be stalled or gone): 1 s.
+const WAITER_GRACE: Duration = Duration::from_secs(1);
+
+fn wait(cache: TokenCache, id: u64, mut outcome: watch::Receiver<Outcome>) -> RefreshWait {
     Box::pin(async move {
-        match outcome.wait_for(Option::is_some).await {
-            Ok(value) => match &*value {
+        let deadline = cache.shared.fetcher.timeout() + WAITER_GRACE;
+        let result = match tokio::time::timeout(deadline, outcome.wait_for(Option::is_some)).await {
+            Ok(Ok(value)) => match &*value {
                 Some(result) => result.clone(),
                 None => Err(Error::new(ErrorKind::RefreshAborted)),
             },
-            Err(_) => Err(Error::new(ErrorKind::RefreshAborted)),
-        }
+            Ok(Err(_)) => Err(Error::new(ErrorKind::RefreshAborted)),
+            Err(_) => {
+                // The refresh made no progress in time: forget it so the next call starts anew.
+                let mut state = cache.lock();
+                if state.in_flight.as_ref().is_some_and(|f| f.id == id) {
+                    state.in_flight = None;
+                }
+                Err(Error::new(ErrorKind::Timeout { after: deadline }))
+            }
+        };
+        // A failed refresh never takes away a token that is still valid.
+        result.or_else(|error| cache.still_valid_token(Instant::now()).ok_or(error))
     })
 }
 
 /// Stores the outcome of a token request. Never discards a good token on failure.
 fn complete(
     cache: &TokenCache,
+    id: u64,
     result: Result<FetchedToken, Error>,
     started: Instant,
 ) -> Result<LocalToken, Error> {
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let shared = &cache.shared;
     let mut state = cache.lock();
-    state.in_flight = None;
+    if state.in_flight.as_ref().is_some_and(|f| f.id == id) {
+        state.in_flight = None;
+    }
     match result {
         Ok(fetched) => {
             state.last_generation += 1;
@@ -127,8 +151,8 @@ fn complete(
                 expires_at: schedule.expires_at,
             });
             state.last_error = None;
+            state.retry_not_before = None;
             shared.consecutive_failures.store(0, Ordering::Relaxed);
-            shared.refresh_ahead_claimed.store(false, Ordering::Release);
             shared.generation.0.store(generation, Ordering::Release);
             tracing::debug!(
                 outcome = "success",
@@ -141,10 +165,13 @@ fn complete(
         }
         Err(error) => {
             let failures = shared.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let pause = pause_after(&error, failures);
+            state.retry_not_before = Some(Instant::now() + pause);
             tracing::warn!(
                 outcome = "failure",
                 elapsed_ms,
                 consecutive_failures = failures,
+                retry_in_ms = pause.as_millis() as u64,
                 error = %error,
                 "token request failed"
             );

@@ -25,12 +25,22 @@ const DEFAULT_CLIENT_SECRET: &str = "nuvy-test-secret";
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
-/// Builder of a [`NuvyServer`].
-#[derive(Debug, Clone)]
+/// Builder of a [`NuvyServer`]. `Debug` does not show the client secret.
+#[derive(Clone)]
 pub struct NuvyServerBuilder {
     client_id: String,
     client_secret: String,
     token_lifetime: Duration,
+}
+
+impl fmt::Debug for NuvyServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NuvyServerBuilder")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("token_lifetime", &self.token_lifetime)
+            .finish()
+    }
 }
 
 impl NuvyServerBuilder {

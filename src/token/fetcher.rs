@@ -111,7 +111,11 @@ impl TokenFetcher {
                 .headers
                 .get(CONTENT_TYPE)
                 .and_then(|value| value.to_str().ok());
-            parse_token_response(parts.status, content_type, &body)
+            let retry_after = parts
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok());
+            parse_token_response(parts.status, content_type, retry_after, &body)
         };
         let grant = tokio::time::timeout(self.timeout, exchange)
             .await
@@ -147,6 +151,13 @@ async fn read_capped(mut body: TokenTransportBody, limit: usize) -> Result<Vec<u
         }
     }
     Ok(collected)
+}
+
+impl TokenFetcher {
+    /// The timeout of one token request.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
 }
 
 impl fmt::Debug for TokenFetcher {

@@ -26,6 +26,7 @@ pub(crate) struct TokenGrant {
 pub(crate) fn parse_token_response(
     status: StatusCode,
     content_type: Option<&str>,
+    retry_after: Option<&str>,
     body: &[u8],
 ) -> Result<TokenGrant, Error> {
     let content_type_owned = || content_type.map(sanitize_server_text);
@@ -46,6 +47,9 @@ pub(crate) fn parse_token_response(
         return Err(Error::new(ErrorKind::UnexpectedStatus {
             status,
             content_type: content_type_owned(),
+            retry_after: retry_after
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
         }));
     }
 
@@ -127,6 +131,20 @@ fn parse_expires_in(value: &Value) -> Result<Duration, &'static str> {
         Value::Number(number) => number_seconds(number.as_u64(), number.as_f64()),
         Value::String(text) => {
             let text = text.trim();
+            // Plain decimal only: `f64::from_str` would also take "inf", "NaN" and "1e3".
+            let decimal = text.strip_prefix('-').unwrap_or(text);
+            let is_decimal = !decimal.is_empty()
+                && decimal
+                    .bytes()
+                    .all(|byte| byte.is_ascii_digit() || byte == b'.')
+                && decimal.bytes().filter(|&byte| byte == b'.').count() <= 1
+                && decimal
+                    .bytes()
+                    .next()
+                    .is_some_and(|byte| byte.is_ascii_digit());
+            if !is_decimal {
+                return Err("is not a number");
+            }
             number_seconds(text.parse::<u64>().ok(), text.parse::<f64>().ok())
         }
         _ => Err("is not a number"),
@@ -191,14 +209,20 @@ mod tests {
     use super::*;
 
     fn ok(body: &str) -> TokenGrant {
-        parse_token_response(StatusCode::OK, Some("application/json"), body.as_bytes())
-            .unwrap_or_else(|error| panic!("{error}"))
+        parse_token_response(
+            StatusCode::OK,
+            Some("application/json"),
+            None,
+            body.as_bytes(),
+        )
+        .unwrap_or_else(|error| panic!("{error}"))
     }
 
     fn err(status: u16, content_type: Option<&str>, body: &str) -> Error {
         match parse_token_response(
             StatusCode::from_u16(status).unwrap(),
             content_type,
+            None,
             body.as_bytes(),
         ) {
             Ok(_) => panic!("expected an error for {body}"),
@@ -258,7 +282,10 @@ mod tests {
 
     #[test]
     fn expires_in_zero_negative_or_text_names_the_field() {
-        for value in ["0", "-5", "\"abc\"", "\"-1\"", "true", "0.2", "[]"] {
+        for value in [
+            "0", "-5", "\"abc\"", "\"-1\"", "true", "0.2", "[]", "\"inf\"", "\"NaN\"", "\"1e3\"",
+            "\"\"",
+        ] {
             let body = format!(r#"{{"access_token":"secret-token","expires_in":{value}}}"#);
             let error = err(200, Some("application/json"), &body);
             assert!(
