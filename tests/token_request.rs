@@ -301,3 +301,38 @@ fn credentials_from_the_environment_name_the_missing_variable_and_never_the_valu
         "https://prd.api.nuvy.ai/oauth2/token"
     );
 }
+
+#[tokio::test]
+async fn a_caller_supplied_token_transport_carries_the_token_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tower::ServiceExt as _;
+
+    let server = server(Duration::from_secs(60)).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&sent);
+    let transport =
+        http_client().map_request(move |request: nuvy_oauth2::TokenTransportRequest| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            request
+        });
+    let layer =
+        OAuth2Layer::with_token_transport(config_builder(&server).build().unwrap(), transport)
+            .unwrap();
+    let status = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sent.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(server.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn the_embedded_server_stops_serving_when_dropped() {
+    let server = NuvyServer::start().await.unwrap();
+    let addr = server.addr();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    drop(server);
+    tokio::task::yield_now().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
