@@ -107,3 +107,70 @@ impl std::fmt::Debug for TokenRequestTemplate {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientCredentials, OAuth2Config};
+
+    fn request_for(style: ClientAuthentication) -> Request<Full<Bytes>> {
+        let config = OAuth2Config::builder(ClientCredentials::new("my client", "p@ss:w+rd/%="))
+            .token_endpoint("https://auth.example/oauth2/token")
+            .client_authentication(style)
+            .build()
+            .unwrap();
+        TokenRequestTemplate::from_config(&config).unwrap().build()
+    }
+
+    fn body(request: &Request<Full<Bytes>>) -> String {
+        use http_body::Body as _;
+        let frame = std::pin::pin!(request.body().clone())
+            .poll_frame(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        match frame {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+            }
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn each_client_authentication_style_sends_the_documented_bytes() {
+        let raw = request_for(ClientAuthentication::BasicRaw);
+        assert_eq!(
+            raw.headers()[AUTHORIZATION],
+            "Basic bXkgY2xpZW50OnBAc3M6dytyZC8lPQ=="
+        );
+        assert!(raw.headers()[AUTHORIZATION].is_sensitive());
+        assert_eq!(body(&raw), "grant_type=client_credentials");
+
+        let encoded = request_for(ClientAuthentication::BasicFormEncoded);
+        assert_eq!(
+            encoded.headers()[AUTHORIZATION],
+            "Basic bXklMjBjbGllbnQ6cCU0MHNzJTNBdyUyQnJkJTJGJTI1JTNE"
+        );
+        assert_eq!(body(&encoded), "grant_type=client_credentials");
+
+        let post = request_for(ClientAuthentication::RequestBody);
+        assert!(post.headers().get(AUTHORIZATION).is_none());
+        assert_eq!(
+            body(&post),
+            "grant_type=client_credentials&client_id=my+client&client_secret=p%40ss%3Aw%2Brd%2F%25%3D"
+        );
+    }
+
+    #[test]
+    fn nuvy_environments_use_raw_basic_and_custom_endpoints_rfc_encoding() {
+        let credentials = ClientCredentials::new("a b", "c");
+        let nuvy = OAuth2Config::builder(credentials.clone()).build().unwrap();
+        assert_eq!(nuvy.client_authentication, ClientAuthentication::BasicRaw);
+        let custom = OAuth2Config::builder(credentials)
+            .token_endpoint("https://auth.example/token")
+            .build()
+            .unwrap();
+        assert_eq!(
+            custom.client_authentication,
+            ClientAuthentication::BasicFormEncoded
+        );
+    }
+}
