@@ -220,7 +220,18 @@ fn rotation(c: &mut Criterion) {
 fn retry_401(c: &mut Criterion) {
     let runtime = runtime();
     let server = runtime.block_on(NuvyServer::start()).unwrap();
-    let layer = layer_for(&server);
+    // Every iteration revokes the token the previous one just fetched: turn off the
+    // fresh-token guard, which would (rightly) return those 401s unretried.
+    let config = OAuth2Config::builder(ClientCredentials::new(
+        server.client_id(),
+        server.client_secret(),
+    ))
+    .token_endpoint(server.token_endpoint())
+    .allow_insecure_http(true)
+    .min_token_age_for_401_retry(Duration::ZERO)
+    .build()
+    .unwrap();
+    let layer = OAuth2Layer::new(config).unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let api = ServiceBuilder::new()
         .layer(layer.clone().with_retry())

@@ -210,6 +210,7 @@ pub struct OAuth2Config {
     pub(crate) allow_insecure_http: bool,
     pub(crate) token_request_timeout: Duration,
     pub(crate) max_token_response_bytes: usize,
+    pub(crate) min_token_age_for_401_retry: Duration,
 }
 
 impl OAuth2Config {
@@ -227,6 +228,7 @@ impl OAuth2Config {
             allow_insecure_http: false,
             token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
             max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
+            min_token_age_for_401_retry: crate::cache::MIN_TOKEN_AGE_FOR_401_RETRY,
         }
     }
 
@@ -278,6 +280,7 @@ pub struct OAuth2ConfigBuilder {
     allow_insecure_http: bool,
     token_request_timeout: Duration,
     max_token_response_bytes: usize,
+    min_token_age_for_401_retry: Duration,
 }
 
 impl OAuth2ConfigBuilder {
@@ -347,6 +350,14 @@ impl OAuth2ConfigBuilder {
         self
     }
 
+    /// A 401 for a token requested less than this long ago is returned as it is, neither
+    /// invalidated nor replayed (default [`crate::MIN_TOKEN_AGE_FOR_401_RETRY`], 1 s): the
+    /// guard against a server that rejects fresh tokens. `Duration::ZERO` turns it off.
+    pub fn min_token_age_for_401_retry(mut self, age: Duration) -> Self {
+        self.min_token_age_for_401_retry = age;
+        self
+    }
+
     /// Checks and freezes the configuration.
     ///
     /// # Errors
@@ -413,6 +424,7 @@ impl OAuth2ConfigBuilder {
             allow_insecure_http: self.allow_insecure_http,
             token_request_timeout: self.token_request_timeout,
             max_token_response_bytes: self.max_token_response_bytes,
+            min_token_age_for_401_retry: self.min_token_age_for_401_retry,
         })
     }
 }

@@ -8,6 +8,7 @@ use std::task::{ready, Context, Poll};
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::cache::{RefreshWait, TokenCache};
@@ -140,9 +141,9 @@ where
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if response.status() == StatusCode::UNAUTHORIZED
                         && is_token_rejection(response.headers())
-                    {
                         // Whether or not the request is replayed, the next one gets a new token.
-                        cache.invalidate(*generation);
+                        && cache.reject(*generation, Instant::now()).allows_replay()
+                    {
                         response
                             .extensions_mut()
                             .insert(UsedTokenGeneration(*generation));

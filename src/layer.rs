@@ -96,7 +96,7 @@ impl OAuth2Layer {
 
     fn from_parts(config: &OAuth2Config, fetcher: TokenFetcher) -> Self {
         Self {
-            cache: TokenCache::new(fetcher),
+            cache: TokenCache::new(fetcher, config.min_token_age_for_401_retry),
             allow_insecure_http: config.allow_insecure_http,
         }
     }
@@ -114,9 +114,16 @@ impl OAuth2Layer {
     }
 
     /// This layer with the 401 retry outside it: the usual stack in one layer. Makes an
-    /// [`OAuth2RetryService`].
+    /// [`OAuth2RetryService`]. Every method with a replayable body is replayed once.
     pub fn with_retry(self) -> OAuth2RetryLayer {
         let retry = RetryLayer::new(self.retry_policy());
+        Stack::new(self, retry)
+    }
+
+    /// As [`with_retry`](Self::with_retry), but replaying idempotent methods only
+    /// ([`RetryOnUnauthorized::idempotent_only`]).
+    pub fn with_idempotent_retry(self) -> OAuth2RetryLayer {
+        let retry = RetryLayer::new(self.retry_policy().idempotent_only());
         Stack::new(self, retry)
     }
 }

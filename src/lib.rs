@@ -75,8 +75,8 @@ pub mod test_util;
 
 pub use cache::{
     RefreshReason, TokenCache, TokenCacheStatus, MAX_FAILURE_BACKOFF, MAX_RETRY_AFTER,
-    MIN_FAILURE_BACKOFF, PERMANENT_FAILURE_PAUSE, REFRESH_AHEAD_JITTER_PERCENT,
-    REFRESH_AHEAD_PERCENT,
+    MIN_FAILURE_BACKOFF, MIN_TOKEN_AGE_FOR_401_RETRY, PERMANENT_FAILURE_PAUSE,
+    REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT,
 };
 pub use config::{
     ClientAuthentication, ClientCredentials, Environment, OAuth2Config, OAuth2ConfigBuilder,

@@ -5,7 +5,7 @@
 use std::future::{ready, Ready};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
 use tower::retry::Policy;
 
@@ -32,6 +32,7 @@ use crate::service::UsedTokenGeneration;
 pub struct RetryOnUnauthorized {
     cache: TokenCache,
     retried: bool,
+    idempotent_only: bool,
 }
 
 impl RetryOnUnauthorized {
@@ -39,8 +40,25 @@ impl RetryOnUnauthorized {
         Self {
             cache,
             retried: false,
+            idempotent_only: false,
         }
     }
+
+    /// Replays only idempotent methods (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT,
+    /// DELETE). By default every method is replayed: a 401 means the server refused the request
+    /// before processing it, and the Nuvy docs ask for the retry without exception. Use this
+    /// for servers that may act on a request and still answer 401.
+    pub fn idempotent_only(mut self) -> Self {
+        self.idempotent_only = true;
+        self
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryOnUnauthorized
@@ -69,7 +87,7 @@ where
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if self.retried {
+        if self.retried || (self.idempotent_only && !is_idempotent(request.method())) {
             return None;
         }
         let body = request.body().try_clone_body()?;

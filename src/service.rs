@@ -29,7 +29,9 @@ use crate::future::ResponseFuture;
 /// - A 401 about the token (no `WWW-Authenticate`, or a `Bearer` challenge with
 ///   `error="invalid_token"` or no error) invalidates the token it was answered for, whether or
 ///   not the request is replayed, and carries [`UsedTokenGeneration`] in its extensions for
-///   [`crate::RetryOnUnauthorized`].
+///   [`crate::RetryOnUnauthorized`]; except when that token was requested less than
+///   [`crate::MIN_TOKEN_AGE_FOR_401_RETRY`] ago (a server rejecting fresh tokens): then the 401
+///   is returned untagged and the token stays.
 ///
 /// `Clone` is cheap: an `Arc` bump, the inner service's clone, and a refcount bump of the header.
 pub struct OAuth2Service<S> {
@@ -41,9 +43,9 @@ pub struct OAuth2Service<S> {
     allow_insecure_http: bool,
 }
 
-/// The generation of the access token a request was sent with. Put into the extensions of 401
-/// responses only (so the non-401 path allocates nothing), and read by
-/// [`crate::RetryOnUnauthorized`] to invalidate exactly that token.
+/// The generation of the access token a request was sent with (1 for the first token of a
+/// cache). Put into the extensions of 401 responses that warrant a replay only (so the non-401
+/// path allocates nothing); [`crate::RetryOnUnauthorized`] replays exactly those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsedTokenGeneration(pub u64);
 

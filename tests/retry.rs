@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_401_from_the_api_causes_one_refresh_and_one_retry() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
@@ -22,6 +22,7 @@ async fn a_401_from_the_api_causes_one_refresh_and_one_retry() {
     let url = server.api_url("/v1/ping");
     status_of(api.clone(), get(&url)).await.unwrap();
 
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
     server.revoke_all_tokens();
     assert_eq!(
         status_of(api.clone(), get(&url)).await.unwrap(),
@@ -33,25 +34,77 @@ async fn a_401_from_the_api_causes_one_refresh_and_one_retry() {
     assert_eq!(layer.token_cache().unauthorized_retries(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_persistent_401_is_returned_after_one_retry() {
     let server = server(Duration::from_secs(3600)).await;
-    server.reject_all_api_requests(true);
     let layer = layer(&server);
     let api = api(&layer);
-    let status = status_of(api, get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
+    server.reject_all_api_requests(true);
+    let status = status_of(api, get(&url)).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
         server.api_requests(),
-        2,
-        "the original and exactly one replay"
+        3,
+        "one success, then the original and one replay"
     );
     assert_eq!(server.token_requests(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
+async fn a_server_that_rejects_fresh_tokens_gets_its_401s_back_without_a_token_request_each() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.reject_all_api_requests(true);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    for _ in 0..10 {
+        let status = status_of(api.clone(), get(&url)).await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        server.api_requests(),
+        10,
+        "no replay for a token issued moments ago"
+    );
+    assert_eq!(
+        server.token_requests(),
+        1,
+        "and no token request per API request"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotent_only_retry_replays_get_but_not_post() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = tower::ServiceBuilder::new()
+        .layer(layer.clone().with_idempotent_retry())
+        .service(http_client());
+    let url = server.api_url("/v1/orders");
+    api.clone().oneshot(get(&url)).await.unwrap();
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
+    server.revoke_all_tokens();
+    let post = http::Request::post(&url).body(Full::from("x")).unwrap();
+    let response = api.clone().oneshot(post).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "POST is not replayed"
+    );
+    // The token was invalidated all the same; a GET on a revoked token is replayed.
+    let status = api.clone().oneshot(get(&url)).await.unwrap().status();
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
+    server.revoke_all_tokens();
+    let status = api.clone().oneshot(get(&url)).await.unwrap().status();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(layer.token_cache().unauthorized_retries(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn concurrent_401s_for_the_same_token_cause_one_refresh() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
@@ -59,6 +112,7 @@ async fn concurrent_401s_for_the_same_token_cause_one_refresh() {
     let url = server.api_url("/v1/ping");
     status_of(api.clone(), get(&url)).await.unwrap();
 
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
     server.revoke_all_tokens();
     let mut calls = JoinSet::new();
     for _ in 0..100 {
@@ -74,13 +128,14 @@ async fn concurrent_401s_for_the_same_token_cause_one_refresh() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_replayed_request_keeps_its_method_and_body() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
     let api = api(&layer);
     let url = server.api_url("/v1/orders");
     status_of(api.clone(), get(&url)).await.unwrap();
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
     server.revoke_all_tokens();
 
     let request = http::Request::post(&url)
@@ -94,7 +149,7 @@ async fn a_replayed_request_keeps_its_method_and_body() {
     assert_eq!(json["body_bytes"], 9);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
     type Streaming = UnsyncBoxBody<Bytes, BoxError>;
     let server = server(Duration::from_secs(3600)).await;
@@ -115,6 +170,7 @@ async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
         StatusCode::OK
     );
 
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
     server.revoke_all_tokens();
     let request = http::Request::post(&url).body(body()).unwrap();
     let response = api.clone().oneshot(request).await.unwrap();
@@ -130,7 +186,7 @@ async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
     assert_eq!(api.oneshot(request).await.unwrap().status(), StatusCode::OK);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn non_401_responses_are_never_retried() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);

@@ -12,7 +12,7 @@ use http::Request;
 use http_body_util::Full;
 use tower::{ServiceBuilder, ServiceExt};
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_injected_authorization_header_is_marked_sensitive() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
@@ -37,6 +37,7 @@ async fn the_injected_authorization_header_is_marked_sensitive() {
     // Cold path, warm path, and the replay after a 401.
     api.clone().oneshot(get(&url)).await.unwrap();
     api.clone().oneshot(get(&url)).await.unwrap();
+    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
     server.revoke_all_tokens();
     api.clone().oneshot(get(&url)).await.unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 4);

@@ -35,6 +35,29 @@ pub use refresh::RefreshReason;
 pub(crate) use refresh::RefreshWait;
 pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 
+/// A 401 for a token requested less than this long ago is returned as it is, neither
+/// invalidated nor replayed: 1 s. A server that rejects fresh tokens would reject the next one
+/// too, and replaying would turn every request into a token request; older tokens (revoked,
+/// expired early) are the case the retry exists for.
+pub const MIN_TOKEN_AGE_FOR_401_RETRY: Duration = Duration::from_secs(1);
+
+/// What [`TokenCache::reject`] did with a 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// The rejected token was the cached one and is gone; replay.
+    Invalidated,
+    /// A newer token is cached or on its way; replay.
+    AlreadyReplaced,
+    /// The rejected token was issued moments ago; return the 401.
+    TooFresh,
+}
+
+impl Rejection {
+    pub(crate) fn allows_replay(self) -> bool {
+        !matches!(self, Rejection::TooFresh)
+    }
+}
+
 /// The generation number meaning "no usable token".
 const NO_TOKEN: u64 = 0;
 
@@ -83,6 +106,7 @@ struct Shared {
     refresh_ahead_claimed: AtomicU64,
     state: Mutex<State>,
     fetcher: TokenFetcher,
+    min_token_age_for_401_retry: Duration,
     token_requests: AtomicU64,
     unauthorized_retries: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -127,7 +151,7 @@ pub(crate) enum Lookup {
 }
 
 impl TokenCache {
-    pub(crate) fn new(fetcher: TokenFetcher) -> Self {
+    pub(crate) fn new(fetcher: TokenFetcher, min_token_age_for_401_retry: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
                 generation: CacheLine(AtomicU64::new(NO_TOKEN)),
@@ -141,6 +165,7 @@ impl TokenCache {
                     last_flight_id: 0,
                 }),
                 fetcher,
+                min_token_age_for_401_retry,
                 token_requests: AtomicU64::new(0),
                 unauthorized_retries: AtomicU64::new(0),
                 consecutive_failures: AtomicU32::new(0),
@@ -168,6 +193,36 @@ impl TokenCache {
         self.shared
             .unauthorized_retries
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handles a 401 about the token of `generation`, received at `now`:
+    /// - the cached token, at least the configured minimum age
+    ///   (default [`MIN_TOKEN_AGE_FOR_401_RETRY`]) old: invalidated, and the
+    ///   request may be replayed;
+    /// - an older generation (a newer token is cached, or a refresh is under way): nothing to
+    ///   invalidate, and the request may be replayed with the newer token;
+    /// - the cached token, younger than that: left in place and not replayed. A server that
+    ///   rejects fresh tokens would reject the next one too; without this guard every request
+    ///   would cost a token request.
+    pub(crate) fn reject(&self, generation: u64, now: Instant) -> Rejection {
+        let mut state = self.lock();
+        match &state.current {
+            Some(current) if current.local.generation == generation => {
+                let age = now.saturating_duration_since(current.requested_at);
+                if age < self.shared.min_token_age_for_401_retry {
+                    tracing::debug!(
+                        generation,
+                        "401 for a token issued moments ago: not retried"
+                    );
+                    return Rejection::TooFresh;
+                }
+                state.current = None;
+                self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
+                tracing::debug!(generation, "access token invalidated after a 401");
+                Rejection::Invalidated
+            }
+            _ => Rejection::AlreadyReplaced,
+        }
     }
 
     /// Forgets the token of `generation` if it is still the cached one, so the next request
