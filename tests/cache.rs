@@ -418,3 +418,67 @@ fn futures_noop_waker() -> std::task::Waker {
 }
 
 use std::future::Future;
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_of_three_503s_costs_four_token_requests_spaced_by_the_backoff() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.fail_next_token_requests(3, 503);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    let started = tokio::time::Instant::now();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 100, "the outage never ended");
+        let mut calls = JoinSet::new();
+        for _ in 0..1000 {
+            calls.spawn(status_of(api.clone(), get(&url)));
+        }
+        let mut ok = 0;
+        while let Some(result) = calls.join_next().await {
+            match result.unwrap() {
+                Ok(status) => {
+                    assert_eq!(status, StatusCode::OK);
+                    ok += 1;
+                }
+                Err(error) => assert_eq!(
+                    crate_error(&error).status(),
+                    Some(StatusCode::SERVICE_UNAVAILABLE),
+                    "every caller gets the shared error"
+                ),
+            }
+        }
+        if ok == 1000 {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.token_requests(),
+        4,
+        "three failures and one success, no stampede"
+    );
+    // 200 ms, 400 ms and 800 ms ceilings, jittered into their upper halves.
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn two_layers_with_different_configurations_never_share_a_token() {
+    let server = server(Duration::from_secs(3600)).await;
+    let read = OAuth2Layer::new(config_builder(&server).scope("read").build().unwrap()).unwrap();
+    let write = OAuth2Layer::new(config_builder(&server).scope("write").build().unwrap()).unwrap();
+    let url = server.api_url("/v1/ping");
+    status_of(api(&read), get(&url)).await.unwrap();
+    status_of(api(&write), get(&url)).await.unwrap();
+    assert_eq!(server.token_requests(), 2);
+    let (read, write) = (
+        read.token_cache().access_token().unwrap(),
+        write.token_cache().access_token().unwrap(),
+    );
+    assert_ne!(read, write);
+}

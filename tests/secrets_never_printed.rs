@@ -139,11 +139,26 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
             source = cause.source();
         }
     }
+    // Refresh-ahead and expiry, so every token request reason shows up in the trace.
+    status_of(api.clone(), get(&url)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(3060)).await; // 85 %: refresh-ahead
+    status_of(api.clone(), get(&url)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    tokio::time::advance(Duration::from_secs(3600)).await; // past expiry
+    status_of(api.clone(), get(&url)).await.unwrap();
+
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(
         logs.contains("access token obtained"),
         "tracing is on: {logs}"
     );
+    for reason in ["initial", "after-401", "refresh-ahead", "expired"] {
+        assert!(
+            logs.contains(&format!("reason=\"{reason}\"")),
+            "no token request traced with reason {reason}: {logs}"
+        );
+    }
+    assert!(logs.contains("lifetime_secs=") && logs.contains("elapsed_ms="));
     let secrets = [
         SECRET,
         "wrong-secret",
