@@ -44,3 +44,70 @@ async fn a_huge_token_response_stops_at_the_cap() {
         }
     );
 }
+
+#[tokio::test]
+async fn a_success_status_with_an_error_field_or_an_empty_token_never_reaches_the_api() {
+    for body in [r#"{"error":"invalid_client"}"#, r#"{"access_token":""}"#] {
+        let server = server(Duration::from_secs(60)).await;
+        server.push_token_response(ScriptedResponse::json(200, body));
+        let layer = layer(&server);
+        let error = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap_err();
+        crate_error(&error);
+        assert_eq!(server.api_requests(), 0, "{body}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_on_429_holds_the_next_token_request_back() {
+    let server = server(Duration::from_secs(60)).await;
+    server.push_token_response(
+        ScriptedResponse::json(429, r#"{"error":"slow_down"}"#).header("retry-after", "7"),
+    );
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+    assert_eq!(
+        crate_error(&error).retry_after(),
+        Some(Duration::from_secs(7))
+    );
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(status_of(api.clone(), get(&url)).await.is_err());
+    assert_eq!(
+        server.token_requests(),
+        1,
+        "nothing sent before Retry-After"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(status_of(api, get(&url)).await.unwrap(), StatusCode::OK);
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_refresh_ahead_keeps_requests_succeeding_and_shows_in_the_status() {
+    let server = server(Duration::from_secs(1000)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    let first = server.last_api_authorization().unwrap();
+    tokio::time::advance(Duration::from_secs(850)).await;
+    server.fail_next_token_requests(1, 503);
+    for _ in 0..10 {
+        assert_eq!(
+            status_of(api.clone(), get(&url)).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(server.last_api_authorization().unwrap(), first);
+    }
+    let status = layer.token_cache().status();
+    assert_eq!(status.consecutive_failures, 1);
+    assert_eq!(
+        status.last_error.unwrap().status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert!(status.token_valid_for.is_some());
+    assert_eq!(server.token_requests(), 2);
+}

@@ -377,3 +377,37 @@ impl fmt::Debug for TokenCache {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientCredentials, OAuth2Config};
+
+    #[tokio::test]
+    async fn nothing_outlives_the_last_clone_once_a_refresh_has_ended() {
+        // An endpoint that refuses connections: the refresh ends quickly, with an error.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let config = OAuth2Config::builder(ClientCredentials::new("id", "secret"))
+            .token_endpoint(format!("http://127.0.0.1:{port}/token"))
+            .allow_insecure_http(true)
+            .build()
+            .unwrap();
+        let cache = TokenCache::new(
+            TokenFetcher::with_default_transport(&config).unwrap(),
+            MIN_TOKEN_AGE_FOR_401_RETRY,
+        );
+        let weak = Arc::downgrade(&cache.shared);
+        match cache.lookup(Instant::now()) {
+            Ok(Lookup::Wait(wait)) => assert!(wait.await.is_err()),
+            _ => panic!("a cold cache waits for its first token"),
+        }
+        drop(cache);
+        tokio::task::yield_now().await;
+        assert!(
+            weak.upgrade().is_none(),
+            "no task or timer keeps the cache alive"
+        );
+    }
+}

@@ -2,11 +2,13 @@
 //! servers differ and strictly where a mistake would be unsafe. No error built here ever holds
 //! the body or the token.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64_URL;
 use base64::Engine as _;
 use http::{HeaderValue, StatusCode};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::{DEFAULT_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME};
@@ -30,7 +32,7 @@ pub(crate) fn parse_token_response(
     body: &[u8],
 ) -> Result<TokenGrant, Error> {
     let content_type_owned = || content_type.map(sanitize_server_text);
-    let json: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
+    let json = parse_json_object(body);
 
     if status == StatusCode::BAD_REQUEST || status == StatusCode::UNAUTHORIZED {
         return Err(rejected(status, json.as_ref()));
@@ -106,6 +108,28 @@ pub(crate) fn parse_token_response(
         authorization,
         lifetime: lifetime.min(MAX_TOKEN_LIFETIME),
     })
+}
+
+/// The body as a JSON object, or `None`. A number too large for `f64` (`1e400`), which
+/// serde_json refuses, is read as `u64::MAX` (or `-1` when negative) so that a huge `expires_in`
+/// is clamped like any other instead of failing the whole body.
+fn parse_json_object(body: &[u8]) -> Option<Map<String, Value>> {
+    if let Ok(object) = serde_json::from_slice(body) {
+        return Some(object);
+    }
+    let raw: HashMap<String, &RawValue> = serde_json::from_slice(body).ok()?;
+    let mut object = Map::new();
+    for (name, value) in raw {
+        let text = value.get();
+        let value = match serde_json::from_str::<Value>(text) {
+            Ok(value) => value,
+            Err(_) if text.starts_with('-') => Value::from(-1),
+            Err(_) if text.starts_with(|c: char| c.is_ascii_digit()) => Value::from(u64::MAX),
+            Err(_) => continue,
+        };
+        object.insert(name, value);
+    }
+    Some(object)
 }
 
 fn rejected(status: StatusCode, json: Option<&Map<String, Value>>) -> Error {
@@ -307,6 +331,7 @@ mod tests {
         for value in [
             "18446744073709551615",
             "1e300",
+            "1e400",
             "\"99999999999999999999999\"",
         ] {
             let body = format!(r#"{{"access_token":"a","expires_in":{value}}}"#);
@@ -342,6 +367,18 @@ mod tests {
         assert!(matches!(
             error.kind(),
             ErrorKind::InvalidTokenResponse { .. }
+        ));
+    }
+
+    #[test]
+    fn a_hugely_negative_expires_in_is_still_an_error() {
+        let error = err(200, None, r#"{"access_token":"a","expires_in":-1e400}"#);
+        assert!(matches!(
+            error.kind(),
+            ErrorKind::InvalidTokenResponse {
+                field: "expires_in",
+                ..
+            }
         ));
     }
 
