@@ -11,14 +11,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{request, Req, Res, Trivial};
+use common::{loopback_config, request, Trivial};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use nuvy_oauth2::test_util::NuvyServer;
-use nuvy_oauth2::{ClientCredentials, OAuth2Config, OAuth2Layer};
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use nuvy_oauth2::OAuth2Layer;
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -29,15 +29,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn layer_for(server: &NuvyServer) -> OAuth2Layer {
-    let config = OAuth2Config::builder(ClientCredentials::new(
-        server.client_id(),
-        server.client_secret(),
-    ))
-    .token_endpoint(server.token_endpoint())
-    .allow_insecure_http(true)
-    .build()
-    .unwrap();
-    OAuth2Layer::new(config).unwrap()
+    OAuth2Layer::new(loopback_config(server).build().unwrap()).unwrap()
 }
 
 /// One token request by hand, as the baseline round trip.
@@ -222,15 +214,10 @@ fn retry_401(c: &mut Criterion) {
     let server = runtime.block_on(NuvyServer::start()).unwrap();
     // Every iteration revokes the token the previous one just fetched: turn off the
     // fresh-token guard, which would (rightly) return those 401s unretried.
-    let config = OAuth2Config::builder(ClientCredentials::new(
-        server.client_id(),
-        server.client_secret(),
-    ))
-    .token_endpoint(server.token_endpoint())
-    .allow_insecure_http(true)
-    .min_token_age_for_401_retry(Duration::ZERO)
-    .build()
-    .unwrap();
+    let config = loopback_config(&server)
+        .min_token_age_for_401_retry(Duration::ZERO)
+        .build()
+        .unwrap();
     let layer = OAuth2Layer::new(config).unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let api = ServiceBuilder::new()
@@ -255,8 +242,6 @@ fn retry_401(c: &mut Criterion) {
         })
     });
     group.finish();
-    let _ = <Trivial as Service<Req>>::call; // keep the shared helpers in use
-    let _: Option<Res> = None;
 }
 
 criterion_group! {

@@ -373,8 +373,7 @@ async fn the_inner_service_is_only_called_after_it_was_polled_ready() {
         assert_eq!(result.unwrap().unwrap().status(), StatusCode::OK);
     }
     // Cold path (waiting for the token), warm path, and the 401 replay.
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     assert_eq!(
         api.clone().oneshot(get(&url)).await.unwrap().status(),
         StatusCode::OK

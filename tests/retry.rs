@@ -22,8 +22,7 @@ async fn a_401_from_the_api_causes_one_refresh_and_one_retry() {
     let url = server.api_url("/v1/ping");
     status_of(api.clone(), get(&url)).await.unwrap();
 
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     assert_eq!(
         status_of(api.clone(), get(&url)).await.unwrap(),
         StatusCode::OK
@@ -85,8 +84,7 @@ async fn idempotent_only_retry_replays_get_but_not_post() {
         .service(http_client());
     let url = server.api_url("/v1/orders");
     api.clone().oneshot(get(&url)).await.unwrap();
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     let post = http::Request::post(&url).body(Full::from("x")).unwrap();
     let response = api.clone().oneshot(post).await.unwrap();
     assert_eq!(
@@ -97,8 +95,7 @@ async fn idempotent_only_retry_replays_get_but_not_post() {
     // The token was invalidated all the same; a GET on a revoked token is replayed.
     let status = api.clone().oneshot(get(&url)).await.unwrap().status();
     assert_eq!(status, StatusCode::OK);
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     let status = api.clone().oneshot(get(&url)).await.unwrap().status();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(layer.token_cache().unauthorized_retries(), 1);
@@ -112,8 +109,7 @@ async fn concurrent_401s_for_the_same_token_cause_one_refresh() {
     let url = server.api_url("/v1/ping");
     status_of(api.clone(), get(&url)).await.unwrap();
 
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     let mut calls = JoinSet::new();
     for _ in 0..100 {
         calls.spawn(status_of(api.clone(), get(&url)));
@@ -135,8 +131,7 @@ async fn a_replayed_request_keeps_its_method_and_body() {
     let api = api(&layer);
     let url = server.api_url("/v1/orders");
     status_of(api.clone(), get(&url)).await.unwrap();
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
 
     let request = http::Request::post(&url)
         .body(Full::new(Bytes::from_static(b"{\"qty\":3}")))
@@ -170,8 +165,7 @@ async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
         StatusCode::OK
     );
 
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     let request = http::Request::post(&url).body(body()).unwrap();
     let response = api.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);

@@ -65,8 +65,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
 
     // Success, a 401 replay, and failed token requests of several kinds.
     status_of(api.clone(), get(&url)).await.unwrap();
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     status_of(api.clone(), get(&url)).await.unwrap();
     let token = layer.token_cache().access_token().unwrap();
     let old_token = server.last_token_request().unwrap();

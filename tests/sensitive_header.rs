@@ -37,8 +37,7 @@ async fn the_injected_authorization_header_is_marked_sensitive() {
     // Cold path, warm path, and the replay after a 401.
     api.clone().oneshot(get(&url)).await.unwrap();
     api.clone().oneshot(get(&url)).await.unwrap();
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
-    server.revoke_all_tokens();
+    age_and_revoke_tokens(&server).await;
     api.clone().oneshot(get(&url)).await.unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 4);
     assert!(all_sensitive.load(Ordering::SeqCst));

@@ -13,7 +13,8 @@ use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
 use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{
-    ClientCredentials, OAuth2Config, OAuth2Layer, OAuth2RetryService, OAuth2Service,
+    ClientCredentials, OAuth2Config, OAuth2ConfigBuilder, OAuth2Layer, OAuth2RetryService,
+    OAuth2Service,
 };
 use tower::{Layer, Service, ServiceExt};
 use tower_http::set_header::{SetRequestHeader, SetRequestHeaderLayer};
@@ -92,13 +93,7 @@ impl Variants {
     /// Starts the embedded server and warms our cache with a real token request.
     pub async fn warm() -> Self {
         let server = NuvyServer::start().await.unwrap();
-        let config = OAuth2Config::builder(ClientCredentials::new(
-            server.client_id(),
-            server.client_secret(),
-        ))
-        .token_endpoint(server.token_endpoint())
-        .build_for_loopback();
-        let layer = OAuth2Layer::new(config).unwrap();
+        let layer = OAuth2Layer::new(loopback_config(&server).build().unwrap()).unwrap();
         let mut ours = layer.layer(Trivial);
         let mut ours_with_retry = layer.clone().with_retry().layer(Trivial);
         ours.ready().await.unwrap().call(request()).await.unwrap();
@@ -133,14 +128,14 @@ impl Variants {
     }
 }
 
-trait BuildForLoopback {
-    fn build_for_loopback(self) -> OAuth2Config;
-}
-
-impl BuildForLoopback for nuvy_oauth2::OAuth2ConfigBuilder {
-    fn build_for_loopback(self) -> OAuth2Config {
-        self.allow_insecure_http(true).build().unwrap()
-    }
+/// A configuration for the embedded server (plain http on loopback allowed).
+pub fn loopback_config(server: &NuvyServer) -> OAuth2ConfigBuilder {
+    OAuth2Config::builder(ClientCredentials::new(
+        server.client_id(),
+        server.client_secret(),
+    ))
+    .token_endpoint(server.token_endpoint())
+    .allow_insecure_http(true)
 }
 
 pub fn request() -> Req {

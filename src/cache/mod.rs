@@ -216,9 +216,7 @@ impl TokenCache {
                     );
                     return Rejection::TooFresh;
                 }
-                state.current = None;
-                self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
-                tracing::debug!(generation, "access token invalidated after a 401");
+                self.drop_current(&mut state, generation);
                 Rejection::Invalidated
             }
             _ => Rejection::AlreadyReplaced,
@@ -232,9 +230,7 @@ impl TokenCache {
         let mut state = self.lock();
         match &state.current {
             Some(current) if current.local.generation == generation => {
-                state.current = None;
-                self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
-                tracing::debug!(generation, "access token invalidated after a 401");
+                self.drop_current(&mut state, generation);
                 true
             }
             _ => false,
@@ -357,6 +353,13 @@ impl TokenCache {
                 state.last_error = Some(error);
             }
         }
+    }
+
+    /// Drops the cached token (of `generation`) so every service's next request misses.
+    fn drop_current(&self, state: &mut State, generation: u64) {
+        state.current = None;
+        self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
+        tracing::debug!(generation, "access token invalidated after a 401");
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
