@@ -28,6 +28,10 @@ use crate::secret::ClientSecret;
 pub const CLIENT_ID_ENV_VAR: &str = "NUVY_CLIENT_ID";
 /// Environment variable holding the `client_secret`.
 pub const CLIENT_SECRET_ENV_VAR: &str = "NUVY_CLIENT_SECRET";
+/// Environment variable holding the path of a file whose content is the `client_secret`
+/// (a mounted Kubernetes or Docker secret), read by [`ClientCredentials::from_env`] when
+/// [`CLIENT_SECRET_ENV_VAR`] is unset. Trailing line breaks of the file are removed.
+pub const CLIENT_SECRET_FILE_ENV_VAR: &str = "NUVY_CLIENT_SECRET_FILE";
 /// Optional environment variable choosing the environment: `qa` or `production`
 /// (case-insensitive; unset means production).
 pub const ENVIRONMENT_ENV_VAR: &str = "NUVY_ENVIRONMENT";
@@ -145,28 +149,69 @@ pub enum ClientAuthentication {
 pub struct ClientCredentials {
     client_id: String,
     client_secret: ClientSecret,
+    /// Where each value came from, to name it in errors: the setting (`client_id`) or the
+    /// environment variable.
+    client_id_origin: &'static str,
+    client_secret_origin: &'static str,
 }
 
 impl ClientCredentials {
-    /// Credentials given in code (for instance read from a secrets manager). Emptiness is
-    /// checked when the configuration is built.
+    /// Credentials given in code (for instance read from a secrets manager), taken as they
+    /// are. They are checked when the configuration is built
+    /// ([`OAuth2ConfigBuilder::build`]): empty values and characters outside printable ASCII
+    /// (%x20-7E, RFC 6749 Appendix A), a trailing newline included, are refused there.
     pub fn new(client_id: impl Into<String>, client_secret: impl Into<ClientSecret>) -> Self {
         Self {
             client_id: client_id.into(),
             client_secret: client_secret.into(),
+            client_id_origin: "client_id",
+            client_secret_origin: "client_secret",
         }
     }
 
     /// Reads [`CLIENT_ID_ENV_VAR`] (`NUVY_CLIENT_ID`) and [`CLIENT_SECRET_ENV_VAR`]
-    /// (`NUVY_CLIENT_SECRET`).
+    /// (`NUVY_CLIENT_SECRET`); when `NUVY_CLIENT_SECRET` is unset, the content of the file named
+    /// by [`CLIENT_SECRET_FILE_ENV_VAR`] (`NUVY_CLIENT_SECRET_FILE`). Trailing line breaks
+    /// (`\n`, `\r\n`, as `echo secret > file` or a secrets manager export leave them) are
+    /// removed from every value; anything else is kept, and checked by
+    /// [`OAuth2ConfigBuilder::build`], whose errors name the variable.
     ///
     /// # Errors
-    /// [`ErrorKind::MissingEnvVar`] naming the first variable that is unset, empty or not
-    /// Unicode. No value is ever shown.
+    /// - [`ErrorKind::MissingEnvVar`] naming the first variable that is unset, empty (after the
+    ///   line breaks are removed) or not Unicode.
+    /// - [`ErrorKind::InvalidEnvVar`] naming `NUVY_CLIENT_SECRET_FILE` when that file cannot be
+    ///   read as UTF-8 text.
+    ///
+    /// No value is ever shown.
     pub fn from_env() -> Result<Self, Error> {
         let client_id = read_required_env(CLIENT_ID_ENV_VAR)?;
-        let client_secret = read_required_env(CLIENT_SECRET_ENV_VAR)?;
-        Ok(Self::new(client_id, client_secret))
+        let (client_secret, client_secret_origin) = match read_required_env(CLIENT_SECRET_ENV_VAR) {
+            Ok(secret) => (secret, CLIENT_SECRET_ENV_VAR),
+            Err(missing) => match std::env::var_os(CLIENT_SECRET_FILE_ENV_VAR) {
+                Some(path) if !path.is_empty() => {
+                    let content = std::fs::read_to_string(path).map_err(|_| {
+                        Error::new(ErrorKind::InvalidEnvVar {
+                            name: CLIENT_SECRET_FILE_ENV_VAR,
+                            expected: "the path of a readable UTF-8 file",
+                        })
+                    })?;
+                    let secret = trim_line_breaks(&content);
+                    if secret.is_empty() {
+                        return Err(Error::new(ErrorKind::MissingEnvVar {
+                            name: CLIENT_SECRET_FILE_ENV_VAR,
+                        }));
+                    }
+                    (secret.to_owned(), CLIENT_SECRET_FILE_ENV_VAR)
+                }
+                _ => return Err(missing),
+            },
+        };
+        Ok(Self {
+            client_id,
+            client_secret: ClientSecret::new(client_secret),
+            client_id_origin: CLIENT_ID_ENV_VAR,
+            client_secret_origin,
+        })
     }
 
     /// The `client_id`. Not a secret (RFC 6749 §2.2).
@@ -191,9 +236,73 @@ impl fmt::Debug for ClientCredentials {
 
 fn read_required_env(name: &'static str) -> Result<String, Error> {
     match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => Ok(value),
+        Ok(value) if !value.trim().is_empty() => Ok(trim_line_breaks(&value).to_owned()),
         _ => Err(Error::new(ErrorKind::MissingEnvVar { name })),
     }
+}
+
+/// Removes trailing `\r` and `\n` only: every other character is part of the value.
+fn trim_line_breaks(value: &str) -> &str {
+    value.trim_end_matches(['\r', '\n'])
+}
+
+/// RFC 6749 Appendix A.1/A.2: `client_id` and `client_secret` are `*VSCHAR` (%x20-7E).
+/// Refuses an empty value, and names the 1-based position of the first character outside that
+/// range; never the value.
+fn check_credential(value: &str, setting: &'static str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::new(ErrorKind::InvalidCredential {
+            setting,
+            position: None,
+            reason: "is empty",
+        }));
+    }
+    match value.chars().position(|c| !(' '..='~').contains(&c)) {
+        Some(index) => Err(Error::new(ErrorKind::InvalidCredential {
+            setting,
+            position: Some(index + 1),
+            reason: "has a character outside printable ASCII (%x20-7E, RFC 6749 Appendix A)",
+        })),
+        None => Ok(()),
+    }
+}
+
+/// RFC 6749 §3.3: `scope = scope-token *( SP scope-token )`,
+/// `scope-token = 1*( %x21 / %x23-5B / %x5D-7E )`. An empty scope (`scope=`) is not a scope.
+fn check_scope(scope: &str) -> Result<(), Error> {
+    let invalid = |what: String| Err(Error::new(ErrorKind::InvalidConfig(what)));
+    if scope.is_empty() {
+        return invalid(
+            "scope is empty (RFC 6749 §3.3 has no empty scope); leave .scope() out to get the \
+             server's default scope"
+                .to_owned(),
+        );
+    }
+    let mut previous = ' ';
+    for (index, c) in scope.chars().enumerate() {
+        let position = index + 1;
+        if c == ' ' {
+            if previous == ' ' {
+                return invalid(format!(
+                    "scope has an empty scope token at position {position} (a leading, \
+                     trailing or doubled space; RFC 6749 §3.3)"
+                ));
+            }
+        } else if !matches!(c, '\x21' | '\x23'..='\x5B' | '\x5D'..='\x7E') {
+            return invalid(format!(
+                "scope has a character not allowed in a scope token at position {position} \
+                 (RFC 6749 §3.3)"
+            ));
+        }
+        previous = c;
+    }
+    if previous == ' ' {
+        return invalid(format!(
+            "scope has an empty scope token at position {} (a trailing space; RFC 6749 §3.3)",
+            scope.chars().count()
+        ));
+    }
+    Ok(())
 }
 
 /// A complete, validated configuration. Build one with [`OAuth2Config::builder`] or
@@ -305,7 +414,10 @@ impl OAuth2ConfigBuilder {
         self
     }
 
-    /// Requests a `scope` (RFC 6749 §3.3): space-delimited scope tokens, sent as given.
+    /// Requests a `scope` (RFC 6749 §3.3): scope tokens separated by single spaces, sent as
+    /// given. An empty scope, a leading, trailing or doubled space, or a character outside
+    /// `%x21 / %x23-5B / %x5D-7E` is refused by [`build`](Self::build): leave this out to get
+    /// the server's default scope.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
@@ -361,18 +473,56 @@ impl OAuth2ConfigBuilder {
     /// Checks and freezes the configuration.
     ///
     /// # Errors
-    /// - [`ErrorKind::InvalidConfig`]: empty `client_id` or `client_secret`; a token endpoint
-    ///   that is not an absolute `http`/`https` URL; a zero timeout or body cap; an extra
-    ///   parameter that would override `grant_type`, `client_id` or `client_secret`.
+    /// - [`ErrorKind::InvalidCredential`], naming the setting (`client_id`, `client_secret`) or
+    ///   the environment variable it came from, and the 1-based character position, never the
+    ///   value: an empty value; a character outside printable ASCII %x20-7E (RFC 6749
+    ///   Appendix A), a line break included; a `:` in the `client_id` with
+    ///   [`ClientAuthentication::BasicRaw`] (RFC 7617 §2: it can never authenticate).
+    /// - [`ErrorKind::InvalidConfig`]: a token endpoint that is not an absolute `http`/`https`
+    ///   URL; a zero timeout or body cap; a `scope` that is empty or breaks the RFC 6749 §3.3
+    ///   grammar; an empty `audience`; a `resource` that is not an absolute URI (RFC 8707 §2);
+    ///   an extra parameter with an empty name or that would override `grant_type`,
+    ///   `client_id`, `client_secret`, `scope`, `audience` or `resource`.
     /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint without
     ///   [`allow_insecure_http`](Self::allow_insecure_http).
     pub fn build(self) -> Result<OAuth2Config, Error> {
         let invalid = |what: &str| Err(Error::new(ErrorKind::InvalidConfig(what.to_owned())));
-        if self.credentials.client_id.trim().is_empty() {
-            return invalid("client_id is empty");
+        let credentials = &self.credentials;
+        check_credential(&credentials.client_id, credentials.client_id_origin)?;
+        check_credential(
+            credentials.client_secret.expose_secret(),
+            credentials.client_secret_origin,
+        )?;
+        if credentials.client_id.trim().is_empty() {
+            return Err(Error::new(ErrorKind::InvalidCredential {
+                setting: credentials.client_id_origin,
+                position: None,
+                reason: "is blank",
+            }));
         }
-        if self.credentials.client_secret.expose_secret().is_empty() {
-            return invalid("client_secret is empty");
+        if let Some(scope) = &self.scope {
+            check_scope(scope)?;
+        }
+        if self.audience.as_deref() == Some("") {
+            return invalid("audience is empty; leave .audience() out instead");
+        }
+        if let Some(resource) = &self.resource {
+            // RFC 8707 §2: an absolute URI without a fragment.
+            let absolute = resource
+                .parse::<Uri>()
+                .is_ok_and(|uri| uri.scheme().is_some());
+            if !absolute || resource.contains('#') {
+                return invalid(
+                    "resource must be an absolute URI without a fragment (RFC 8707 §2)",
+                );
+            }
+        }
+        if self
+            .extra_parameters
+            .iter()
+            .any(|(name, _)| name.is_empty())
+        {
+            return invalid("an extra parameter has an empty name");
         }
         if self.token_request_timeout.is_zero() {
             return invalid("token_request_timeout is zero");
@@ -413,10 +563,24 @@ impl OAuth2ConfigBuilder {
         if token_endpoint.host().is_none_or(str::is_empty) {
             return invalid("token endpoint has no host");
         }
+        let client_authentication = self.client_authentication.unwrap_or(default_style);
+        if client_authentication == ClientAuthentication::BasicRaw {
+            // RFC 7617 §2: the user-id ends at the first colon, so the server would read a
+            // shorter client_id and a longer secret: this can never authenticate.
+            if let Some(index) = self.credentials.client_id.chars().position(|c| c == ':') {
+                return Err(Error::new(ErrorKind::InvalidCredential {
+                    setting: self.credentials.client_id_origin,
+                    position: Some(index + 1),
+                    reason: "has a ':', which raw HTTP Basic cannot carry (RFC 7617 §2); use \
+                             .client_authentication(ClientAuthentication::BasicFormEncoded) or \
+                             ClientAuthentication::RequestBody",
+                }));
+            }
+        }
         Ok(OAuth2Config {
             token_endpoint,
             credentials: self.credentials,
-            client_authentication: self.client_authentication.unwrap_or(default_style),
+            client_authentication,
             scope: self.scope,
             audience: self.audience,
             resource: self.resource,

@@ -62,6 +62,20 @@ pub enum ErrorKind {
         /// What it may hold.
         expected: &'static str,
     },
+    /// A `client_id` or `client_secret` that can never authenticate: empty, with a character
+    /// outside printable ASCII %x20-7E (RFC 6749 Appendix A), or a `:` in the `client_id` sent
+    /// with raw HTTP Basic (RFC 7617 §2). Refused when the configuration is built; the value is
+    /// never shown.
+    InvalidCredential {
+        /// The setting (`client_id`, `client_secret`) or the environment variable the value came
+        /// from (`NUVY_CLIENT_SECRET`, ...).
+        setting: &'static str,
+        /// 1-based position (in characters) of the offending character; `None` for an empty
+        /// value.
+        position: Option<usize>,
+        /// What is wrong, and the remedy when there is one.
+        reason: &'static str,
+    },
     /// The configuration is unusable (empty client_id or client_secret, an unparsable token
     /// endpoint URL, a zero timeout, ...). The text says which setting.
     InvalidConfig(String),
@@ -220,6 +234,17 @@ impl fmt::Display for Error {
             }
             ErrorKind::InvalidEnvVar { name, expected } => {
                 write!(f, "environment variable {name} must be {expected}")
+            }
+            ErrorKind::InvalidCredential {
+                setting,
+                position,
+                reason,
+            } => {
+                write!(f, "invalid OAuth2 configuration: {setting} {reason}")?;
+                if let Some(position) = position {
+                    write!(f, " (at character {position}; the value is not shown)")?;
+                }
+                Ok(())
             }
             ErrorKind::InvalidConfig(what) => write!(f, "invalid OAuth2 configuration: {what}"),
             ErrorKind::InsecureScheme { target } => write!(

@@ -242,7 +242,10 @@ fn empty_credentials_and_bad_urls_are_config_errors() {
     ] {
         let error = build(id, secret, url).unwrap_err();
         assert!(
-            matches!(error.kind(), ErrorKind::InvalidConfig(_)),
+            matches!(
+                error.kind(),
+                ErrorKind::InvalidConfig(_) | ErrorKind::InvalidCredential { .. }
+            ),
             "{id} {url}: {error}"
         );
     }
