@@ -17,8 +17,11 @@ use crate::future::ResponseFuture;
 /// Middleware that authenticates each request with the cached access token (RFC 6750 §2.1).
 /// Made by [`crate::OAuth2Layer`].
 ///
-/// - **Warm path** (a valid token): one atomic load, one clock read, the header insert; no lock,
-///   no allocation beyond the header insert, and the inner service is called at once.
+/// - **Warm path** (a valid token), in every usage pattern (one reused instance, a clone per
+///   request, `oneshot` on a clone of a service that was never called, `Buffer`,
+///   `BoxCloneService`): one atomic load (or one lock-free `ArcSwap` load when this instance
+///   holds no copy of the token yet), one clock read, the header insert; no lock, no allocation
+///   beyond the header insert, and the inner service is called at once.
 /// - **Cold path** (no token, or inside its refresh margin): the request waits for the single
 ///   shared refresh, then goes to the inner service that was polled ready.
 /// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it
@@ -40,6 +43,8 @@ pub struct OAuth2Service<S> {
     /// This clone's copy of the current token; refreshed from the cache when its generation
     /// changes, so the warm path touches shared memory read-only.
     local: Option<LocalToken>,
+    /// Whether this instance already served a request from the published token (see `call`).
+    calls_from_published: bool,
     allow_insecure_http: bool,
 }
 
@@ -55,6 +60,7 @@ impl<S> OAuth2Service<S> {
             inner,
             cache,
             local: None,
+            calls_from_published: false,
             allow_insecure_http,
         }
     }
@@ -102,6 +108,8 @@ where
             }));
         }
         let now = Instant::now();
+        // Warm path 1: this service's own copy, still the current generation (one atomic load
+        // of a line only a publish writes).
         if let Some(local) = &self.local {
             if local.generation == self.cache.current_generation() && now < local.refresh_at {
                 if now >= local.refresh_ahead_at {
@@ -111,6 +119,30 @@ where
                 request
                     .headers_mut()
                     .insert(AUTHORIZATION, local.authorization.clone());
+                let future = self.inner.call(request);
+                return ResponseFuture::called(future, generation, self.cache.clone());
+            }
+        }
+        // Warm path 2: no copy yet (a clone of a service that was never called: `oneshot` on
+        // `api.clone()`, Buffer, BoxCloneService) or an old one: the published token, lock-free.
+        {
+            let published = self.cache.published_token();
+            if let Some(token) = published.as_deref().filter(|token| now < token.refresh_at) {
+                if now >= token.refresh_ahead_at {
+                    self.cache.start_refresh_ahead(token.generation);
+                }
+                let generation = token.generation;
+                request
+                    .headers_mut()
+                    .insert(AUTHORIZATION, token.authorization.clone());
+                // Keep a copy only from the second call of this instance on: a service used for
+                // one request (`oneshot` on a clone) would pay for the copy and never use it.
+                if self.calls_from_published {
+                    self.local = Some(token.clone());
+                } else {
+                    self.calls_from_published = true;
+                }
+                drop(published);
                 let future = self.inner.call(request);
                 return ResponseFuture::called(future, generation, self.cache.clone());
             }
@@ -142,6 +174,7 @@ impl<S: Clone> Clone for OAuth2Service<S> {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
             local: self.local.clone(),
+            calls_from_published: false,
             allow_insecure_http: self.allow_insecure_http,
         }
     }

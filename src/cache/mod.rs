@@ -1,7 +1,9 @@
 //! [`TokenCache`]: the one cached access token of a layer and everything that keeps it fresh.
 //!
-//! - **Read path** ([`TokenCache::current_generation`] plus the service's own copy): a valid
-//!   token is used with one atomic load and one clock read; no lock, no allocation.
+//! - **Read path** ([`snapshot`]): a valid token is used with one atomic load (the service's own
+//!   copy) or one lock-free `ArcSwap` load (a service that holds no copy yet), and one clock
+//!   read; no lock, no allocation. Every change of the current token is published from one
+//!   place, `TokenCache::publish`.
 //! - **Single flight** ([`refresh`]): at most one token request is in flight per cache. It runs
 //!   in a spawned task, so dropping any caller (the one that started it included) neither
 //!   cancels nor stalls it; its outcome, success or shared [`Error`], reaches every waiter.
@@ -13,6 +15,7 @@
 
 mod backoff;
 mod refresh;
+mod snapshot;
 mod timing;
 
 use std::fmt;
@@ -58,13 +61,7 @@ impl Rejection {
     }
 }
 
-/// The generation number meaning "no usable token".
-const NO_TOKEN: u64 = 0;
-
-/// Keeps the atomics read on every request on their own cache line, away from the `Arc`
-/// reference counts and the mutex that other cores write.
-#[repr(align(128))]
-struct CacheLine<T>(T);
+use snapshot::{Published, NO_TOKEN};
 
 /// A service's own copy of the current token: what the warm path reads.
 #[derive(Clone)]
@@ -99,9 +96,9 @@ struct State {
 }
 
 struct Shared {
-    /// Generation of `state.current` while it is usable, [`NO_TOKEN`] otherwise. Written only
-    /// under the `state` lock; read lock-free on every request.
-    generation: CacheLine<AtomicU64>,
+    /// `state.current` as the warm path reads it, lock-free. Written only by
+    /// [`TokenCache::publish`], under the `state` lock.
+    published: Published,
     /// The highest generation whose refresh-ahead was claimed by a request.
     refresh_ahead_claimed: AtomicU64,
     state: Mutex<State>,
@@ -154,7 +151,7 @@ impl TokenCache {
     pub(crate) fn new(fetcher: TokenFetcher, min_token_age_for_401_retry: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
-                generation: CacheLine(AtomicU64::new(NO_TOKEN)),
+                published: Published::new(),
                 refresh_ahead_claimed: AtomicU64::new(NO_TOKEN),
                 state: Mutex::new(State {
                     current: None,
@@ -176,7 +173,30 @@ impl TokenCache {
     /// The generation of the usable cached token, 0 when there is none. One atomic load.
     #[inline]
     pub fn current_generation(&self) -> u64 {
-        self.shared.generation.0.load(Ordering::Acquire)
+        self.shared.published.generation()
+    }
+
+    /// The published current token: lock-free, for a service that holds no copy of it yet.
+    #[inline]
+    pub(crate) fn published_token(&self) -> arc_swap::Guard<Option<Arc<LocalToken>>> {
+        self.shared.published.load()
+    }
+
+    /// Makes `state.current` the token every request sees. Every change of the current token
+    /// (installed by a refresh, dropped after a 401 or by [`TokenCache::invalidate`]) goes
+    /// through here, with the state lock held.
+    fn publish(&self, state: &State) {
+        self.shared
+            .published
+            .store(state.current.as_ref().map(|token| &token.local));
+    }
+
+    /// Holds the cache's lock until the returned guard is dropped, so tests can show that the
+    /// warm path never takes it. Test support (feature `test-util`), not part of the API.
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    pub fn hold_lock_for_test(&self) -> impl Drop + '_ {
+        self.lock()
     }
 
     /// Token requests sent so far by this cache (each one counted when it is sent).
@@ -358,7 +378,7 @@ impl TokenCache {
     /// Drops the cached token (of `generation`) so every service's next request misses.
     fn drop_current(&self, state: &mut State, generation: u64) {
         state.current = None;
-        self.shared.generation.0.store(NO_TOKEN, Ordering::Release);
+        self.publish(state);
         tracing::debug!(generation, "access token invalidated after a 401");
     }
 

@@ -153,7 +153,7 @@ fn complete(
             state.last_error = None;
             state.retry_not_before = None;
             shared.consecutive_failures.store(0, Ordering::Relaxed);
-            shared.generation.0.store(generation, Ordering::Release);
+            cache.publish(&state);
             tracing::debug!(
                 outcome = "success",
                 generation,
