@@ -104,6 +104,15 @@ pub enum ErrorKind {
         /// The `Retry-After` delay in seconds, when the response carried one (429, 503).
         retry_after: Option<Duration>,
     },
+    /// The token response came with a `Content-Encoding` (e.g. `gzip`) although the request
+    /// asked for `identity` only (RFC 9110 §12.5.3): a gateway's fault, so transient; the body
+    /// is not read.
+    UnexpectedContentEncoding {
+        /// The HTTP status of the token response.
+        status: StatusCode,
+        /// The content coding received, cut to [`MAX_SERVER_TEXT_CHARS`].
+        encoding: String,
+    },
     /// A token response could not be used: not JSON, missing or empty `access_token`, an
     /// `expires_in` that is zero, negative or not a number, an access token that is not a valid
     /// header value. The body is never echoed.
@@ -164,7 +173,8 @@ impl Error {
     pub fn status(&self) -> Option<StatusCode> {
         match &self.inner.kind {
             ErrorKind::TokenRequestRejected { status, .. }
-            | ErrorKind::UnexpectedStatus { status, .. } => Some(*status),
+            | ErrorKind::UnexpectedStatus { status, .. }
+            | ErrorKind::UnexpectedContentEncoding { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -218,11 +228,36 @@ pub(crate) fn sanitize_server_text(text: &str) -> String {
         .collect()
 }
 
-fn remedy(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::BAD_REQUEST => "check that the request sends grant_type=client_credentials",
-        StatusCode::UNAUTHORIZED => "verify client_id and client_secret",
-        _ => "check the token endpoint and the client credentials",
+/// One line of advice for a rejected token request, chosen by the RFC 6749 §5.2 `error` code
+/// (every code of §5.2), else by the status as the Nuvy authentication documentation's error
+/// table does (400: the grant type; 401: the credentials).
+fn remedy(status: StatusCode, error: Option<&str>) -> &'static str {
+    match error {
+        // The Nuvy documentation's advice for a 400.
+        Some("invalid_request" | "unsupported_grant_type") => {
+            "check that the request sends grant_type=client_credentials"
+        }
+        Some("invalid_client") => {
+            "verify client_id and client_secret, and that the server accepts this client \
+             authentication style (ClientAuthentication)"
+        }
+        Some("invalid_grant") => {
+            "the server refused the client_credentials grant for this client; ask its \
+             administrator whether the client is enabled"
+        }
+        Some("unauthorized_client") => {
+            "this client is not allowed to use the client_credentials grant; ask the \
+             authorization server's administrator to enable it"
+        }
+        Some("invalid_scope") => {
+            "the requested scope (or audience/resource) is unknown or not granted to this \
+             client; check .scope(), .audience() and .resource()"
+        }
+        _ => match status {
+            StatusCode::BAD_REQUEST => "check that the request sends grant_type=client_credentials",
+            StatusCode::UNAUTHORIZED => "verify client_id and client_secret",
+            _ => "check the token endpoint and the client credentials",
+        },
     }
 }
 
@@ -261,7 +296,7 @@ impl fmt::Display for Error {
                     }
                     f.write_str(")")?;
                 }
-                write!(f, "; {}", remedy(*status))
+                write!(f, "; {}", remedy(*status, fields.error.as_deref()))
             }
             ErrorKind::UnexpectedStatus {
                 status,
@@ -274,6 +309,12 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            ErrorKind::UnexpectedContentEncoding { status, encoding } => write!(
+                f,
+                "token endpoint answered {status} with content-encoding {encoding:?}, which was \
+                 not asked for (the request sends Accept-Encoding: identity); a gateway may be \
+                 compressing the reply"
+            ),
             ErrorKind::InvalidTokenResponse {
                 field,
                 reason,

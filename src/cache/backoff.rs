@@ -24,7 +24,8 @@ pub(crate) fn is_transient(error: &Error) -> bool {
         | ErrorKind::Transport
         | ErrorKind::RefreshAborted
         | ErrorKind::NoRuntime
-        | ErrorKind::ResponseTooLarge { .. } => true,
+        | ErrorKind::ResponseTooLarge { .. }
+        | ErrorKind::UnexpectedContentEncoding { .. } => true,
         ErrorKind::UnexpectedStatus { status, .. } => {
             status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408
         }

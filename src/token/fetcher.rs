@@ -18,7 +18,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
 use super::request::TokenRequestTemplate;
-use super::response::parse_token_response;
+use super::response::{parse_token_response, retry_after_delay, unexpected_content_encoding};
 use crate::config::OAuth2Config;
 use crate::error::{Error, ErrorKind};
 
@@ -105,16 +105,24 @@ impl TokenFetcher {
                 .oneshot(self.template.build())
                 .await
                 .map_err(|error| Error::with_source(ErrorKind::Transport, error))?;
+            let arrived = Instant::now();
             let (parts, body) = response.into_parts();
+            let retry_after = retry_after_delay(&parts.headers, std::time::SystemTime::now());
             let body = read_capped(body, self.max_body_bytes).await?;
+            if !body.is_empty() {
+                if let Some(encoding) = unexpected_content_encoding(&parts.headers) {
+                    return Err(Error::new(ErrorKind::UnexpectedContentEncoding {
+                        status: parts.status,
+                        encoding,
+                    }));
+                }
+            }
             let content_type = parts
                 .headers
                 .get(CONTENT_TYPE)
                 .and_then(|value| value.to_str().ok());
-            let retry_after = parts
-                .headers
-                .get(http::header::RETRY_AFTER)
-                .and_then(|value| value.to_str().ok());
+            // Counted from the response's arrival, not from when its body was read.
+            let retry_after = retry_after.map(|delay| delay.saturating_sub(arrived.elapsed()));
             parse_token_response(parts.status, content_type, retry_after, &body)
         };
         let grant = tokio::time::timeout(self.timeout, exchange)

@@ -3,7 +3,7 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Uri};
 use http_body_util::Full;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -22,6 +22,9 @@ const CLIENT_CREDENTIAL_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
 const FORM_CONTENT_TYPE: HeaderValue =
     HeaderValue::from_static("application/x-www-form-urlencoded");
 const JSON_ACCEPT: HeaderValue = HeaderValue::from_static("application/json");
+/// RFC 9110 §12.5.3: without `Accept-Encoding` any coding is acceptable, and a gateway may gzip
+/// the JSON reply. Only the identity coding is read.
+const IDENTITY_ONLY: HeaderValue = HeaderValue::from_static("identity");
 
 /// The parts of a token request that never change: computed once, cloned per request.
 #[derive(Clone)]
@@ -84,8 +87,8 @@ impl TokenRequestTemplate {
         })
     }
 
-    /// A fresh token request: `POST`, form body, `Accept: application/json`, the client
-    /// authentication of the configured style.
+    /// A fresh token request: `POST`, form body, `Accept: application/json`,
+    /// `Accept-Encoding: identity`, the client authentication of the configured style.
     pub(crate) fn build(&self) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(self.body.clone()));
         *request.method_mut() = Method::POST;
@@ -93,6 +96,7 @@ impl TokenRequestTemplate {
         let headers = request.headers_mut();
         headers.insert(CONTENT_TYPE, FORM_CONTENT_TYPE);
         headers.insert(ACCEPT, JSON_ACCEPT);
+        headers.insert(ACCEPT_ENCODING, IDENTITY_ONLY);
         if let Some(authorization) = &self.authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
         }

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64_URL;
 use base64::Engine as _;
-use http::{HeaderValue, StatusCode};
+use http::header::{CONTENT_ENCODING, DATE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -24,11 +25,59 @@ pub(crate) struct TokenGrant {
     pub(crate) lifetime: Duration,
 }
 
-/// Turns a complete token response into a grant or a typed error.
+/// The delay a `Retry-After` header asks for (RFC 9110 §10.2.3), for a response that arrived
+/// at `arrived` (wall clock):
+/// - `delay-seconds` (`1*DIGIT`): that many seconds; more digits than a `u64` holds saturate
+///   (the cache caps the delay at [`crate::MAX_RETRY_AFTER`]);
+/// - an HTTP-date in any of the three formats RFC 9110 §5.6.7 requires recipients to parse
+///   (IMF-fixdate, obsolete RFC 850, ANSI C `asctime`), read by the `httpdate` crate: the time
+///   from the response's `Date` header (the server's own clock, so client clock skew does not
+///   matter) or, without a usable `Date`, from `arrived`, to that date; a date in the past is
+///   zero.
+///
+/// `None` when there is no `Retry-After` or none of its values is one of these forms (a
+/// negative, fractional or signed number, a malformed date).
+pub(crate) fn retry_after_delay(headers: &HeaderMap, arrived: SystemTime) -> Option<Duration> {
+    headers.get_all(RETRY_AFTER).iter().find_map(|value| {
+        let value = value.to_str().ok()?.trim();
+        if !value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Some(Duration::from_secs(
+                value.parse::<u64>().unwrap_or(u64::MAX),
+            ));
+        }
+        let date = httpdate::parse_http_date(value).ok()?;
+        let base = headers
+            .get(DATE)
+            .and_then(|date| date.to_str().ok())
+            .and_then(|date| httpdate::parse_http_date(date.trim()).ok())
+            .unwrap_or(arrived);
+        Some(date.duration_since(base).unwrap_or(Duration::ZERO))
+    })
+}
+
+/// The first content coding of a response other than `identity` (RFC 9110 §8.4), cut and
+/// cleaned for an error message. The token request sends `Accept-Encoding: identity`, so any
+/// other coding is a gateway's doing and the body cannot be read as JSON.
+pub(crate) fn unexpected_content_encoding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| {
+            String::from_utf8_lossy(value.as_bytes())
+                .split(',')
+                .map(|coding| coding.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+        .map(|coding| sanitize_server_text(&coding))
+}
+
+/// Turns a complete token response into a grant or a typed error. `retry_after` is the
+/// delay [`retry_after_delay`] read from the headers, counted from when the response arrived.
 pub(crate) fn parse_token_response(
     status: StatusCode,
     content_type: Option<&str>,
-    retry_after: Option<&str>,
+    retry_after: Option<Duration>,
     body: &[u8],
 ) -> Result<TokenGrant, Error> {
     let content_type_owned = || content_type.map(sanitize_server_text);
@@ -38,7 +87,7 @@ pub(crate) fn parse_token_response(
         return Err(rejected(status, json.as_ref()));
     }
     if !status.is_success() {
-        if let Some(json) = json.as_ref().filter(|json| json.contains_key("error")) {
+        if let Some(json) = json.as_ref().filter(|json| error_code(json).is_some()) {
             if status.is_client_error()
                 && status != StatusCode::TOO_MANY_REQUESTS
                 && status != StatusCode::REQUEST_TIMEOUT
@@ -49,9 +98,7 @@ pub(crate) fn parse_token_response(
         return Err(Error::new(ErrorKind::UnexpectedStatus {
             status,
             content_type: content_type_owned(),
-            retry_after: retry_after
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .map(Duration::from_secs),
+            retry_after,
         }));
     }
 
@@ -65,7 +112,10 @@ pub(crate) fn parse_token_response(
     let Some(json) = json else {
         return Err(invalid("body", "is not a JSON object"));
     };
-    if json.get("error").is_some_and(|error| !error.is_null()) {
+    // RFC 6749 §5.1 decides success: a usable access_token. An `error` counts only as a
+    // non-empty string (Appendix A.7: an error code is 1*NQSCHAR); `null`, `""`, a number or
+    // an object in that field is noise some servers send alongside a good token.
+    if error_code(&json).is_some() {
         return Err(rejected(status, Some(&json)));
     }
 
@@ -132,10 +182,18 @@ fn parse_json_object(body: &[u8]) -> Option<Map<String, Value>> {
     Some(object)
 }
 
+/// The RFC 6749 §5.2 `error` code of a body: a non-empty string only.
+fn error_code(json: &Map<String, Value>) -> Option<&str> {
+    json.get("error")
+        .and_then(Value::as_str)
+        .filter(|code| !code.trim().is_empty())
+}
+
 fn rejected(status: StatusCode, json: Option<&Map<String, Value>>) -> Error {
     let text = |name: &str| {
         json.and_then(|json| json.get(name))
             .and_then(Value::as_str)
+            .filter(|text| !text.trim().is_empty())
             .map(sanitize_server_text)
     };
     Error::new(ErrorKind::TokenRequestRejected {
@@ -463,5 +521,75 @@ mod tests {
             ErrorKind::InvalidTokenResponse { field: "body", .. }
         ));
         assert!(!format!("{error} {error:?}").contains("secret-token"));
+    }
+
+    #[test]
+    fn retry_after_dates_count_from_the_arrival_without_a_date_header() {
+        let arrived = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let delay = |values: &[&str], date: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            }
+            if let Some(date) = date {
+                headers.insert(DATE, HeaderValue::from_str(date).unwrap());
+            }
+            retry_after_delay(&headers, arrived)
+        };
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(delay(&["Sun, 06 Nov 1994 08:49:42 GMT"], None), secs(5));
+        assert_eq!(delay(&["Sunday, 06-Nov-94 08:49:47 GMT"], None), secs(10));
+        assert_eq!(delay(&["Sun Nov  6 08:50:37 1994"], None), secs(60));
+        assert_eq!(delay(&["Sun, 06 Nov 1994 08:49:00 GMT"], None), secs(0));
+        // A Date header (the server's clock) wins over the local arrival time.
+        assert_eq!(
+            delay(
+                &["Sun, 06 Nov 1994 08:49:42 GMT"],
+                Some("Sun, 06 Nov 1994 08:49:40 GMT")
+            ),
+            secs(2)
+        );
+        // An unusable Date falls back to the arrival time.
+        assert_eq!(
+            delay(&["Sun, 06 Nov 1994 08:49:42 GMT"], Some("yesterday")),
+            secs(5)
+        );
+        assert_eq!(delay(&["99999999999999999999999"], None), secs(u64::MAX));
+        assert_eq!(delay(&["nonsense", "3"], None), secs(3));
+        for bad in [
+            "",
+            "1.5",
+            "-3",
+            "0x10",
+            "Sun, 06 Nov 1994",
+            "Mon, 99 Foo 1994 08:49:42 GMT",
+        ] {
+            assert_eq!(delay(&[bad], None), None, "{bad:?}");
+        }
+        assert_eq!(retry_after_delay(&HeaderMap::new(), arrived), None);
+    }
+
+    #[test]
+    fn only_identity_is_an_expected_content_coding() {
+        let coding = |values: &[&[u8]]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(CONTENT_ENCODING, HeaderValue::from_bytes(value).unwrap());
+            }
+            unexpected_content_encoding(&headers)
+        };
+        assert_eq!(coding(&[]), None);
+        assert_eq!(coding(&[b"identity"]), None);
+        assert_eq!(coding(&[b"IDENTITY"]), None);
+        assert_eq!(coding(&[b" , identity ,"]), None);
+        assert_eq!(coding(&[b"gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(coding(&[b"identity", b"br"]).as_deref(), Some("br"));
+        assert_eq!(coding(&[b"aes128gcm, gzip"]).as_deref(), Some("aes128gcm"));
+        let long = "x".repeat(1000);
+        assert_eq!(
+            coding(&[long.as_bytes()]).map(|coding| coding.chars().count()),
+            Some(crate::error::MAX_SERVER_TEXT_CHARS)
+        );
+        assert_eq!(coding(&[b"gz\xffip"]).as_deref(), Some("gz\u{fffd}ip"));
     }
 }
