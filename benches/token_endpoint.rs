@@ -11,12 +11,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{loopback_config, request, Trivial};
+use common::{loopback_config, request, NuvyServer, Trivial};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::OAuth2Layer;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 

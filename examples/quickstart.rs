@@ -22,12 +22,19 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{
     ClientCredentials, Environment, OAuth2Config, OAuth2Layer, OAuth2RetryService, OAuth2Service,
 };
 use tokio::task::JoinSet;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+// The embedded server. In your own code: `nuvy_oauth2::test_util::NuvyServer` with the
+// crate's `test-util` feature. This repository compiles the same file in by path, so that
+// `cargo run --example quickstart` needs no feature flag, also in the packaged crate.
+#[path = "../src/test_util/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod test_util;
+use test_util::NuvyServer;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 type Api = OAuth2RetryService<HttpsClient>;

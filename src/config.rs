@@ -23,7 +23,7 @@ use http::Uri;
 use crate::error::{Error, ErrorKind};
 use crate::secret::ClientSecret;
 
-/// Environment variable holding the `client_id` (seed: "Store credentials in environment
+/// Environment variable holding the `client_id` (the Nuvy authentication documentation: "Store credentials in environment
 /// variables or a secrets manager").
 pub const CLIENT_ID_ENV_VAR: &str = "NUVY_CLIENT_ID";
 /// Environment variable holding the `client_secret`.
@@ -36,9 +36,9 @@ pub const CLIENT_SECRET_FILE_ENV_VAR: &str = "NUVY_CLIENT_SECRET_FILE";
 /// (case-insensitive; unset means production).
 pub const ENVIRONMENT_ENV_VAR: &str = "NUVY_ENVIRONMENT";
 
-/// The QA token endpoint (seed, table "Environment | Token Endpoint").
+/// The QA token endpoint (the Nuvy authentication documentation, table "Environment | Token Endpoint").
 pub const QA_TOKEN_ENDPOINT: &str = "https://qa.api.nuvy.ai/oauth2/token";
-/// The production token endpoint (seed, table "Environment | Token Endpoint").
+/// The production token endpoint (the Nuvy authentication documentation, table "Environment | Token Endpoint").
 pub const PRODUCTION_TOKEN_ENDPOINT: &str = "https://prd.api.nuvy.ai/oauth2/token";
 
 /// Default timeout of one token request: 10 s. A token reply is small and fast; past 10 s the
@@ -62,7 +62,7 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 /// (even `u64::MAX`) is clamped to this rather than overflowing; refreshing once a day is cheap.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// A Nuvy deployment, each with its token endpoint (seed: "Environment | Token Endpoint").
+/// A Nuvy deployment, each with its token endpoint (the Nuvy authentication documentation: "Environment | Token Endpoint").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Environment {
     /// QA: [`QA_TOKEN_ENDPOINT`].
@@ -132,7 +132,7 @@ impl FromStr for Environment {
 #[non_exhaustive]
 pub enum ClientAuthentication {
     /// HTTP Basic over the raw `client_id:client_secret`, as the Nuvy docs and `curl -u` do
-    /// (seed: "Basic {base64(client_id:client_secret)}"). Default for [`Environment`]s.
+    /// (the Nuvy authentication documentation: "Basic {base64(client_id:client_secret)}"). Default for [`Environment`]s.
     BasicRaw,
     /// HTTP Basic over the RFC 6749 §2.3.1 encoded values: every byte outside
     /// `A-Z a-z 0-9 - . _ ~` percent-encoded, space as `%20`. Servers that form-decode and
@@ -143,7 +143,7 @@ pub enum ClientAuthentication {
     RequestBody,
 }
 
-/// The client credentials the authorization server issued (RFC 6749 §2.3; seed: "Nuvy will
+/// The client credentials the authorization server issued (RFC 6749 §2.3; the Nuvy authentication documentation: "Nuvy will
 /// provide you with a pair of credentials"). `Debug` shows the `client_id` only.
 #[derive(Clone)]
 pub struct ClientCredentials {
@@ -394,7 +394,7 @@ pub struct OAuth2ConfigBuilder {
 
 impl OAuth2ConfigBuilder {
     /// Uses a Nuvy environment's token endpoint, with [`ClientAuthentication::BasicRaw`] as
-    /// the seed specifies.
+    /// the Nuvy authentication documentation specifies.
     pub fn environment(mut self, environment: Environment) -> Self {
         self.endpoint = Endpoint::Environment(environment);
         self
@@ -443,7 +443,7 @@ impl OAuth2ConfigBuilder {
     }
 
     /// Allows plain `http` for the token endpoint and lets the bearer token be attached to
-    /// plain-`http` API requests. Off by default: the seed requires HTTPS for all requests.
+    /// plain-`http` API requests. Off by default: the Nuvy authentication documentation requires HTTPS for all requests.
     /// Turn it on only for loopback tests and the embedded test server.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.allow_insecure_http = allow;

@@ -80,7 +80,7 @@ pub enum ErrorKind {
     /// endpoint URL, a zero timeout, ...). The text says which setting.
     InvalidConfig(String),
     /// A URL uses plain `http` while [`crate::OAuth2ConfigBuilder::allow_insecure_http`] is off.
-    /// The seed requires HTTPS for all requests; nothing was sent.
+    /// The Nuvy authentication documentation requires HTTPS for all requests; nothing was sent.
     InsecureScheme {
         /// `"token endpoint"` or `"API request"`.
         target: &'static str,
@@ -188,7 +188,7 @@ impl Error {
     }
 
     /// True when the token endpoint rejected the client credentials: a 401, or
-    /// `error=invalid_client` (RFC 6749 §5.2; seed: "401 Invalid credentials").
+    /// `error=invalid_client` (RFC 6749 §5.2; the Nuvy authentication documentation: "401 Invalid credentials").
     pub fn is_invalid_client(&self) -> bool {
         match &self.inner.kind {
             ErrorKind::TokenRequestRejected { status, fields } => {

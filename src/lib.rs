@@ -58,7 +58,12 @@
     unreachable_pub,
     rust_2018_idioms
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+// Lets `nuvy_oauth2::…` paths resolve inside this crate too, so src/test_util/ (public API
+// only) compiles both here and when tests, examples and benches include it by `#[path]`.
+#[allow(unused_extern_crates)]
+extern crate self as nuvy_oauth2;
 
 mod cache;
 mod config;
@@ -71,6 +76,7 @@ mod service;
 mod token;
 
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 
 pub use cache::{

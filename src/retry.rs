@@ -1,5 +1,5 @@
 //! [`RetryOnUnauthorized`]: the `tower::retry::Policy` that answers a 401 from the API by
-//! invalidating the rejected token and sending the request once more (seed: "Handle 401
+//! invalidating the rejected token and sending the request once more (the Nuvy authentication documentation: "Handle 401
 //! responses by requesting a fresh token and retrying the request").
 
 use std::future::{ready, Ready};

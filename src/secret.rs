@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// The `client_secret` issued by the authorization server (RFC 6749 §2.3.1; seed: "Your
+/// The `client_secret` issued by the authorization server (RFC 6749 §2.3.1; the Nuvy authentication documentation: "Your
 /// application's secret key").
 ///
 /// `Debug` prints `ClientSecret(<redacted>)`; there is no `Display`. Read the value only with

@@ -3,6 +3,8 @@
 //!
 //! Alone in its binary: the counting allocator is global to the process.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -10,9 +12,9 @@ use std::future::{ready, Future, Ready};
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use common::NuvyServer;
 use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{ClientCredentials, OAuth2Config, OAuth2Layer};
 use tower::{Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeaderLayer;

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use nuvy_oauth2::test_util::ScriptedResponse;
 use nuvy_oauth2::{ErrorKind, OAuth2Layer};
 use tokio::task::JoinSet;
 use tokio_test::{assert_pending, task};

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
-use nuvy_oauth2::test_util::ScriptedResponse;
 use nuvy_oauth2::{ClientCredentials, ClientSecret, OAuth2Config, OAuth2Layer};
 use tower::ServiceExt;
 
@@ -48,7 +47,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     // other test that could race it.
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let server = nuvy_oauth2::test_util::NuvyServer::builder()
+    let server = NuvyServer::builder()
         .client_secret(SECRET)
         .token_lifetime(Duration::from_secs(3600))
         .start()
@@ -112,10 +111,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         printed.push('\n');
     };
     print(format!("{:?}", ClientSecret::new(SECRET)));
-    print(format!(
-        "{:?}",
-        nuvy_oauth2::test_util::NuvyServer::builder().client_secret(SECRET)
-    ));
+    print(format!("{:?}", NuvyServer::builder().client_secret(SECRET)));
     print(format!("{server:?}"));
     print(format!("{credentials:?}"));
     print(format!("{builder:?}"));

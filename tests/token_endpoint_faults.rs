@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use nuvy_oauth2::test_util::{NuvyServer, ScriptedResponse};
 use nuvy_oauth2::ErrorKind;
 
 #[tokio::test]

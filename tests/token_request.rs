@@ -1,4 +1,4 @@
-//! The token request as the seed specifies it, and the typed errors of the token endpoint.
+//! The token request as the Nuvy authentication documentation specifies it, and the typed errors of the token endpoint.
 
 mod common;
 
@@ -7,11 +7,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use http::StatusCode;
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{ClientAuthentication, ClientCredentials, ErrorKind, OAuth2Config, OAuth2Layer};
 
 #[tokio::test]
-async fn token_request_has_the_seed_method_headers_and_body() {
+async fn token_request_has_the_documented_method_headers_and_body() {
     let server = server(Duration::from_secs(60)).await;
     let layer = OAuth2Layer::new(
         config_builder(&server)
@@ -109,7 +108,7 @@ async fn wrong_credentials_give_a_typed_401_error_with_rfc_fields_and_the_remedy
 #[tokio::test]
 async fn a_400_from_the_token_endpoint_is_a_typed_error_with_rfc_fields() {
     let server = server(Duration::from_secs(60)).await;
-    server.push_token_response(nuvy_oauth2::test_util::ScriptedResponse::json(
+    server.push_token_response(ScriptedResponse::json(
         400,
         r#"{"error":"unsupported_grant_type","error_description":"grant_type must be client_credentials","error_uri":"https://docs.nuvy.ai/errors"}"#,
     ));
@@ -202,7 +201,7 @@ async fn plain_http_is_refused_without_the_opt_in() {
 }
 
 #[test]
-fn environments_carry_the_seed_token_endpoints() {
+fn environments_carry_the_documented_token_endpoints() {
     use nuvy_oauth2::Environment;
     let credentials = ClientCredentials::new("id", "secret");
     for (environment, url) in [

@@ -1,6 +1,13 @@
 //! The variants every warm-path benchmark compares, all over the same trivial inner service.
 #![allow(dead_code)]
 
+// The embedded server, compiled in by path (see tests/common/mod.rs for why).
+#[path = "../../src/test_util/mod.rs"]
+#[allow(unused_imports)]
+pub mod test_util;
+
+pub use test_util::NuvyServer;
+
 use std::convert::Infallible;
 use std::fmt::Debug;
 use std::future::{ready, Future, Ready};
@@ -11,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use http::header::AUTHORIZATION;
 use http::{HeaderValue, Request, Response};
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{
     ClientCredentials, OAuth2Config, OAuth2ConfigBuilder, OAuth2Layer, OAuth2RetryService,
     OAuth2Service,

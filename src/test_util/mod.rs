@@ -14,6 +14,10 @@
 //! It counts requests, can revoke tokens, can play scripted token responses (status, headers,
 //! body, delay, or a hang), and shuts down when dropped.
 //!
+//! This module uses only the crate's public API (as `nuvy_oauth2::…`, never `crate::…`): the
+//! crate's own tests, examples and benches compile these same files in by `#[path]` (see
+//! `tests/common/mod.rs`), so they work in the published package without this feature.
+//!
 //! # Example
 //!
 //! ```

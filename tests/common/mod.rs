@@ -1,5 +1,18 @@
 //! Shared helpers: every test talks HTTP to the embedded server on loopback.
-#![allow(dead_code, unreachable_pub)]
+//!
+//! **How a test gets the embedded server:** `mod common;` then `use common::*;` (or
+//! `use common::{NuvyServer, ScriptedResponse};`). Never `nuvy_oauth2::test_util`: the
+//! crate has no dev-dependency on itself (`cargo package` would drop it, and the packaged
+//! tests would not compile). Instead `src/test_util/` is compiled into each test binary by
+//! `#[path]` below; it uses only the crate's public API (through `nuvy_oauth2::` paths, never
+//! `crate::`), so the same files also build as the public `nuvy_oauth2::test_util` module
+//! (feature `test-util`) for users. Examples and benches include it the same way.
+#![allow(dead_code, unreachable_pub, unused_imports)]
+
+#[path = "../../src/test_util/mod.rs"]
+pub mod test_util;
+
+pub use test_util::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};
 
 use std::time::Duration;
 
@@ -9,7 +22,6 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use nuvy_oauth2::test_util::NuvyServer;
 use nuvy_oauth2::{
     ClientCredentials, OAuth2Config, OAuth2ConfigBuilder, OAuth2Layer, OAuth2RetryService,
 };
