@@ -192,8 +192,8 @@ impl TokenCache {
     }
 
     /// Holds the cache's lock until the returned guard is dropped, so tests can show that the
-    /// warm path never takes it. Test support (feature `test-util`), not part of the API.
-    #[cfg(feature = "test-util")]
+    /// warm path never takes it. Test support, not part of the API (always compiled: the
+    /// crate's tests build without the `test-util` feature, see tests/common/mod.rs).
     #[doc(hidden)]
     pub fn hold_lock_for_test(&self) -> impl Drop + '_ {
         self.lock()
