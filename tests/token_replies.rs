@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use nuvy_oauth2::test_util::ScriptedResponse;
 use nuvy_oauth2::ErrorKind;
 
 /// The server's clock, sent as `Date`: the `Retry-After` date is counted from it.
