@@ -5,8 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::header::AUTHORIZATION;
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{BoxError, Service};
@@ -140,7 +140,7 @@ where
                 } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
                     if response.status() == StatusCode::UNAUTHORIZED
-                        && is_token_rejection(response.headers())
+                        && crate::challenge::is_token_rejection(response.headers())
                         // Whether or not the request is replayed, the next one gets a new token.
                         && cache.reject(*generation, Instant::now()).allows_replay()
                     {
@@ -161,49 +161,6 @@ where
     }
 }
 
-/// Whether a 401 is about the access token (RFC 6750 §3): no `WWW-Authenticate` at all (the
-/// Nuvy docs treat any 401 as "get a fresh token"), or a `Bearer` challenge whose `error` is
-/// `invalid_token` or absent. A `Bearer` challenge with another error (`invalid_request`,
-/// `insufficient_scope`) or only non-Bearer challenges are not: a new token would not help.
-pub(crate) fn is_token_rejection(headers: &HeaderMap) -> bool {
-    let mut challenges = headers.get_all(WWW_AUTHENTICATE).iter().peekable();
-    if challenges.peek().is_none() {
-        return true;
-    }
-    challenges
-        .filter_map(|value| value.to_str().ok())
-        .any(|value| match bearer_error(value) {
-            Some(error) => error.is_none_or(|error| error.eq_ignore_ascii_case("invalid_token")),
-            None => false,
-        })
-}
-
-/// For a header value holding a `Bearer` challenge: `Some(error attribute)`; `None` if there is
-/// no Bearer challenge.
-fn bearer_error(value: &str) -> Option<Option<&str>> {
-    let start = value
-        .char_indices()
-        .find(|&(index, _)| {
-            value[index..]
-                .get(..6)
-                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("bearer"))
-                && (index == 0 || value[..index].trim_end().ends_with(','))
-                && value[index + 6..]
-                    .chars()
-                    .next()
-                    .is_none_or(|next| next == ' ' || next == ',')
-        })
-        .map(|(index, _)| index)?;
-    let params = &value[start + 6..];
-    let error = params.split(',').find_map(|param| {
-        let (name, value) = param.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("error")
-            .then(|| value.trim().trim_matches('"'))
-    });
-    Some(error)
-}
-
 fn polled_after_completion() -> BoxError {
     "nuvy_oauth2::ResponseFuture polled after completion".into()
 }
@@ -221,41 +178,5 @@ where
         f.debug_struct("ResponseFuture")
             .field("state", &state)
             .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_token_rejection;
-    use http::{HeaderMap, HeaderValue};
-
-    fn rejected(challenges: &[&str]) -> bool {
-        let mut headers = HeaderMap::new();
-        for challenge in challenges {
-            headers.append(
-                "www-authenticate",
-                HeaderValue::from_str(challenge).unwrap(),
-            );
-        }
-        is_token_rejection(&headers)
-    }
-
-    #[test]
-    fn only_401s_about_the_token_count_as_token_rejections() {
-        assert!(rejected(&[]));
-        assert!(rejected(&["Bearer"]));
-        assert!(rejected(&[r#"Bearer realm="nuvy""#]));
-        assert!(rejected(&[r#"Bearer realm="nuvy", error="invalid_token""#]));
-        assert!(rejected(&[r#"bearer error=invalid_token"#]));
-        assert!(rejected(&[
-            r#"Basic realm="x", Bearer error="invalid_token""#
-        ]));
-        assert!(rejected(&["Basic realm=\"x\"", "Bearer"]));
-        assert!(!rejected(&[
-            r#"Bearer error="insufficient_scope", scope="admin""#
-        ]));
-        assert!(!rejected(&[r#"Bearer error="invalid_request""#]));
-        assert!(!rejected(&[r#"Basic realm="x""#]));
-        assert!(!rejected(&[r#"BearerX realm="x""#]));
     }
 }
