@@ -251,6 +251,9 @@ async fn target_from_args() -> Result<Target, BoxError> {
         Some(url) => builder.token_endpoint(url),
         None => builder.environment(environment.unwrap_or(Environment::Production)),
     };
+    // The token goes only to allowed origins (RFC 6750 §5.3): the token endpoint's, and the
+    // API's named here.
+    let builder = builder.allow_origin(api_url.clone());
     Ok(Target {
         config: builder.build()?,
         api_url,

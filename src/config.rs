@@ -21,6 +21,7 @@ use std::time::Duration;
 use http::Uri;
 
 use crate::error::{Error, ErrorKind};
+use crate::origin::AllowedOrigins;
 use crate::secret::ClientSecret;
 
 /// Environment variable holding the `client_id` (the Nuvy authentication documentation: "Store credentials in environment
@@ -317,6 +318,8 @@ pub struct OAuth2Config {
     pub(crate) resource: Option<String>,
     pub(crate) extra_parameters: Vec<(String, String)>,
     pub(crate) allow_insecure_http: bool,
+    /// Where the bearer token may go: the token endpoint's origin and those added.
+    pub(crate) allowed_origins: AllowedOrigins,
     pub(crate) token_request_timeout: Duration,
     pub(crate) max_token_response_bytes: usize,
     pub(crate) min_token_age_for_401_retry: Duration,
@@ -335,6 +338,7 @@ impl OAuth2Config {
             resource: None,
             extra_parameters: Vec::new(),
             allow_insecure_http: false,
+            allowed_origins: Vec::new(),
             token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
             max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
             min_token_age_for_401_retry: crate::cache::MIN_TOKEN_AGE_FOR_401_RETRY,
@@ -387,6 +391,7 @@ pub struct OAuth2ConfigBuilder {
     resource: Option<String>,
     extra_parameters: Vec<(String, String)>,
     allow_insecure_http: bool,
+    allowed_origins: Vec<String>,
     token_request_timeout: Duration,
     max_token_response_bytes: usize,
     min_token_age_for_401_retry: Duration,
@@ -450,6 +455,22 @@ impl OAuth2ConfigBuilder {
         self
     }
 
+    /// Allows the bearer token on requests to one more origin (RFC 6454: scheme, host and port;
+    /// a default port when the URL has none), given as an absolute `https` URL (`http` only with
+    /// [`allow_insecure_http`](Self::allow_insecure_http)); its path, query and userinfo are
+    /// ignored. Call once per origin.
+    ///
+    /// By default the token goes only to the origin of the token endpoint, which is where the
+    /// Nuvy API lives (`https://prd.api.nuvy.ai`, `https://qa.api.nuvy.ai`). A request to any
+    /// other absolute URL fails with [`ErrorKind::OriginNotAllowed`] before anything is sent
+    /// (RFC 6750 §5.3), so a redirect followed by a layer outside this one never carries the
+    /// token elsewhere. A URI without scheme and authority (tonic's `/package.Service/Method`)
+    /// is left to the transport, which chose where it connects.
+    pub fn allow_origin(mut self, url: impl Into<String>) -> Self {
+        self.allowed_origins.push(url.into());
+        self
+    }
+
     /// Timeout of each token request (default [`DEFAULT_TOKEN_REQUEST_TIMEOUT`]).
     pub fn token_request_timeout(mut self, timeout: Duration) -> Self {
         self.token_request_timeout = timeout;
@@ -483,7 +504,9 @@ impl OAuth2ConfigBuilder {
     ///   grammar; an empty `audience`; a `resource` that is not an absolute URI (RFC 8707 §2);
     ///   an extra parameter with an empty name or that would override `grant_type`,
     ///   `client_id`, `client_secret`, `scope`, `audience` or `resource`.
-    /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint without
+    /// - [`ErrorKind::InvalidConfig`] too for an [`allow_origin`](Self::allow_origin) URL that
+    ///   is not an absolute `http`/`https` URL with a host.
+    /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint or allowed origin without
     ///   [`allow_insecure_http`](Self::allow_insecure_http).
     pub fn build(self) -> Result<OAuth2Config, Error> {
         let invalid = |what: &str| Err(Error::new(ErrorKind::InvalidConfig(what.to_owned())));
@@ -563,6 +586,26 @@ impl OAuth2ConfigBuilder {
         if token_endpoint.host().is_none_or(str::is_empty) {
             return invalid("token endpoint has no host");
         }
+        let mut extra_origins = Vec::with_capacity(self.allowed_origins.len());
+        for url in &self.allowed_origins {
+            let uri: Uri = url.parse().map_err(|_| {
+                Error::new(ErrorKind::InvalidConfig(
+                    "an allowed origin is not a valid URL".to_owned(),
+                ))
+            })?;
+            if uri
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("http"))
+                && !self.allow_insecure_http
+            {
+                return Err(Error::new(ErrorKind::InsecureScheme {
+                    target: "allowed origin",
+                }));
+            }
+            extra_origins.push(uri);
+        }
+        let allowed_origins =
+            AllowedOrigins::from_urls(std::iter::once(&token_endpoint).chain(&extra_origins))?;
         let client_authentication = self.client_authentication.unwrap_or(default_style);
         if client_authentication == ClientAuthentication::BasicRaw {
             // RFC 7617 §2: the user-id ends at the first colon, so the server would read a
@@ -586,6 +629,7 @@ impl OAuth2ConfigBuilder {
             resource: self.resource,
             extra_parameters: self.extra_parameters,
             allow_insecure_http: self.allow_insecure_http,
+            allowed_origins,
             token_request_timeout: self.token_request_timeout,
             max_token_response_bytes: self.max_token_response_bytes,
             min_token_age_for_401_retry: self.min_token_age_for_401_retry,

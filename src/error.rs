@@ -85,6 +85,14 @@ pub enum ErrorKind {
         /// `"token endpoint"` or `"API request"`.
         target: &'static str,
     },
+    /// A request's URI names an origin (scheme, host, port) the bearer token may not go to
+    /// (RFC 6750 §5.3): not the token endpoint's origin, nor one added with
+    /// [`crate::OAuth2ConfigBuilder::allow_origin`]. Typically a redirect followed by a layer
+    /// outside the auth layer. Nothing was sent.
+    OriginNotAllowed {
+        /// The refused origin, `scheme://host:port` (never a path, query or userinfo).
+        origin: String,
+    },
     /// The token endpoint refused the request with an OAuth2 error (RFC 6749 §5.2): any 400 or
     /// 401; another 4xx (but 408 and 429) whose JSON body has an `error` field; or a 2xx body
     /// that carries an `error` field.
@@ -286,6 +294,11 @@ impl fmt::Display for Error {
                 f,
                 "refusing to use plain http for the {target}: HTTPS is required \
                  (allow_insecure_http is off)"
+            ),
+            ErrorKind::OriginNotAllowed { origin } => write!(
+                f,
+                "refusing to send the access token to {origin}: not an allowed origin (add it \
+                 with allow_origin if it is yours); nothing was sent"
             ),
             ErrorKind::TokenRequestRejected { status, fields } => {
                 write!(f, "token endpoint rejected the request with {status}")?;

@@ -71,6 +71,7 @@ mod config;
 mod error;
 mod future;
 mod layer;
+mod origin;
 mod retry;
 mod secret;
 mod service;

@@ -107,6 +107,9 @@ where
                 target: "API request",
             }));
         }
+        if let Err(error) = self.cache.allowed_origins().check(request.uri()) {
+            return ResponseFuture::failed(error);
+        }
         let now = Instant::now();
         // Warm path 1: this service's own copy, still the current generation (one atomic load
         // of a line only a publish writes).

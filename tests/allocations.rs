@@ -115,6 +115,7 @@ fn a_warm_call_allocates_no_more_than_the_static_header_layer() {
     ))
     .token_endpoint(server.token_endpoint())
     .allow_insecure_http(true)
+    .allow_origin("https://prd.api.nuvy.ai") // the origin of request()
     .build()
     .unwrap();
     let layer = OAuth2Layer::new(config).unwrap();

@@ -64,7 +64,12 @@ fn a_never_called_clone_gets_the_token_without_the_cache_lock_in_every_pattern()
         .build()
         .unwrap();
     let server = runtime.block_on(common::server(Duration::from_secs(3600)));
-    let layer = common::layer(&server);
+    // The token may go to the origin of request().
+    let config = common::config_builder(&server)
+        .allow_origin("https://prd.api.nuvy.ai")
+        .build()
+        .unwrap();
+    let layer = nuvy_oauth2::OAuth2Layer::new(config).unwrap();
     // One request through a throwaway service fetches the token; the services below never
     // made a request before the lock is taken.
     let expected = runtime.block_on(send(layer.layer(Echo)));

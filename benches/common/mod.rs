@@ -142,6 +142,7 @@ pub fn loopback_config(server: &NuvyServer) -> OAuth2ConfigBuilder {
     ))
     .token_endpoint(server.token_endpoint())
     .allow_insecure_http(true)
+    .allow_origin(API_URL)
 }
 
 pub fn request() -> Req {

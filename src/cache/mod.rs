@@ -199,6 +199,12 @@ impl TokenCache {
         self.lock()
     }
 
+    /// The origins this cache's token may be sent to (RFC 6750 §5.3).
+    #[inline]
+    pub(crate) fn allowed_origins(&self) -> &crate::origin::AllowedOrigins {
+        self.shared.fetcher.allowed_origins()
+    }
+
     /// Token requests sent so far by this cache (each one counted when it is sent).
     pub fn token_requests(&self) -> u64 {
         self.shared.token_requests.load(Ordering::Relaxed)

@@ -7,6 +7,7 @@
 //!   RFC 6749 §2.3.1 encoded) or `client_secret_post`, `Content-Type:
 //!   application/x-www-form-urlencoded`, `grant_type=client_credentials`; 400 and 401 with RFC
 //!   6749 §5.2 JSON bodies; JWT-shaped access tokens with a configurable `expires_in`.
+//! - `GET /v1/redirect?to=<URL>` answers `302 Found` to that URL ([`REDIRECT_PATH`]).
 //! - Every other path is the protected API: 200 JSON for a valid bearer token, 401 with
 //!   `WWW-Authenticate: Bearer error="invalid_token"` for a missing, unknown, revoked or expired
 //!   one.
@@ -35,4 +36,4 @@
 
 mod server;
 
-pub use server::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};
+pub use server::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse, REDIRECT_PATH};

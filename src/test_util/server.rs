@@ -382,6 +382,25 @@ impl fmt::Debug for NuvyServer {
 
 type ServerResponse = Response<Full<Bytes>>;
 
+/// API path answering `302 Found` with `Location` set to the `to` query parameter
+/// (`/v1/redirect?to=<percent-encoded URL>`), whatever the token: a redirect as real APIs send.
+pub const REDIRECT_PATH: &str = "/v1/redirect";
+
+fn redirect(uri: &http::Uri) -> ServerResponse {
+    let target = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(name, _)| name == "to")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::FOUND;
+    if let Ok(location) = HeaderValue::from_str(&target) {
+        response
+            .headers_mut()
+            .insert(http::header::LOCATION, location);
+    }
+    response
+}
+
 fn json_response(status: StatusCode, body: String) -> ServerResponse {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -575,6 +594,10 @@ impl ServerState {
     fn protected_api(&self, parts: http::request::Parts, body: Bytes) -> ServerResponse {
         self.api_requests.fetch_add(1, Ordering::SeqCst);
         let authorization = parts.headers.get(AUTHORIZATION);
+        if parts.uri.path() == REDIRECT_PATH {
+            self.knobs().last_api_authorization = authorization.cloned();
+            return redirect(&parts.uri);
+        }
         let valid = {
             let mut knobs = self.knobs();
             knobs.last_api_authorization = authorization.cloned();

@@ -21,6 +21,7 @@ use super::request::TokenRequestTemplate;
 use super::response::{parse_token_response, retry_after_delay, unexpected_content_encoding};
 use crate::config::OAuth2Config;
 use crate::error::{Error, ErrorKind};
+use crate::origin::AllowedOrigins;
 
 /// The request type a token transport receives: a complete `POST` with a form body.
 pub type TokenTransportRequest = Request<Full<Bytes>>;
@@ -46,6 +47,9 @@ pub(crate) struct TokenFetcher {
     template: Arc<TokenRequestTemplate>,
     timeout: Duration,
     max_body_bytes: usize,
+    /// The origins the token obtained here may be sent to (kept here because the fetcher is
+    /// the one part of the configuration every service reaches through its cache).
+    allowed_origins: Arc<AllowedOrigins>,
 }
 
 impl TokenFetcher {
@@ -88,6 +92,7 @@ impl TokenFetcher {
             template: Arc::new(TokenRequestTemplate::from_config(config)?),
             timeout: config.token_request_timeout,
             max_body_bytes: config.max_token_response_bytes,
+            allowed_origins: Arc::new(config.allowed_origins.clone()),
         })
     }
 
@@ -165,6 +170,11 @@ impl TokenFetcher {
     /// The timeout of one token request.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// The origins the token may be sent to.
+    pub(crate) fn allowed_origins(&self) -> &AllowedOrigins {
+        &self.allowed_origins
     }
 }
 

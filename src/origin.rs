@@ -1,0 +1,258 @@
+//! The origins (scheme, host, port; RFC 6454) a bearer token may be sent to. RFC 6750 §5.3:
+//! clients must not leak tokens, and a layer outside the auth layer (tower-http's
+//! `FollowRedirectLayer`, say) may hand it a request for any URL.
+//!
+//! The default set is the origin of the token endpoint, where the Nuvy API lives
+//! (`https://prd.api.nuvy.ai`, `https://qa.api.nuvy.ai`); more are added with
+//! [`crate::OAuth2ConfigBuilder::allow_origin`]. The check runs on every request: it compares
+//! the request URI's parts with a short list in place, without allocating.
+
+use std::fmt;
+
+use http::Uri;
+
+use crate::error::{Error, ErrorKind};
+
+/// One allowed origin. `host` is lowercase, as [`Uri::host`] gives it (IPv6 in brackets).
+#[derive(Clone, PartialEq, Eq)]
+struct Origin {
+    https: bool,
+    host: Box<str>,
+    port: u16,
+}
+
+impl Origin {
+    fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme(), self.host, self.port)
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The set of origins a token may go to.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct AllowedOrigins {
+    origins: Box<[Origin]>,
+}
+
+impl AllowedOrigins {
+    /// The origins of these absolute `http`/`https` URLs (their userinfo, path and query are
+    /// ignored), without duplicates.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] for a URL that is not absolute `http`/`https` with a host;
+    /// the URL is not echoed (it may hold userinfo).
+    pub(crate) fn from_urls<'a>(urls: impl IntoIterator<Item = &'a Uri>) -> Result<Self, Error> {
+        let mut origins: Vec<Origin> = Vec::new();
+        for uri in urls {
+            let origin = origin_of(uri).ok_or_else(|| {
+                Error::new(ErrorKind::InvalidConfig(
+                    "an allowed origin must be an absolute http or https URL with a host"
+                        .to_owned(),
+                ))
+            })?;
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+        }
+        Ok(Self {
+            origins: origins.into_boxed_slice(),
+        })
+    }
+
+    /// Whether a request for `uri` may carry the token:
+    /// - an absolute `http`/`https` URI: only if its origin (scheme, host, port; default port
+    ///   80 or 443 when absent; case-insensitive host) is in the set;
+    /// - a URI with neither scheme nor authority (tonic's `/package.Service/Method`, or `*`):
+    ///   yes; the transport below chose where it connects and is trusted with it;
+    /// - anything else (another scheme, an authority without a scheme): no.
+    ///
+    /// No allocation unless the request is refused.
+    ///
+    /// # Errors
+    /// [`ErrorKind::OriginNotAllowed`] naming the request's origin (never its path, query or
+    /// userinfo, never the token).
+    #[inline]
+    pub(crate) fn check(&self, uri: &Uri) -> Result<(), Error> {
+        let Some(scheme) = uri.scheme_str() else {
+            return match uri.authority() {
+                None => Ok(()),
+                Some(_) => Err(self.refused(uri)),
+            };
+        };
+        let https = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else {
+            return Err(self.refused(uri));
+        };
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let allowed = self.origins.iter().any(|origin| {
+            origin.https == https && origin.port == port && origin.host.eq_ignore_ascii_case(host)
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.refused(uri))
+        }
+    }
+
+    #[cold]
+    fn refused(&self, uri: &Uri) -> Error {
+        let origin = match origin_of(uri) {
+            Some(origin) => origin.to_string(),
+            None => {
+                let scheme = uri.scheme_str().unwrap_or("(no scheme)");
+                let host = uri.host().unwrap_or("(no host)");
+                match uri.port_u16() {
+                    Some(port) => format!("{scheme}://{host}:{port}"),
+                    None => format!("{scheme}://{host}"),
+                }
+            }
+        };
+        Error::new(ErrorKind::OriginNotAllowed {
+            origin: crate::error::sanitize_server_text(&origin),
+        })
+    }
+}
+
+/// The origin of an absolute `http`/`https` URI with a host.
+fn origin_of(uri: &Uri) -> Option<Origin> {
+    let scheme = uri.scheme_str()?;
+    let https = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
+        return None;
+    };
+    let host = uri.host().filter(|host| !host.is_empty())?;
+    Some(Origin {
+        https,
+        host: host.to_ascii_lowercase().into_boxed_str(),
+        port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+    })
+}
+
+impl fmt::Debug for AllowedOrigins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.origins.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origins(urls: &[&str]) -> AllowedOrigins {
+        let uris: Vec<Uri> = urls.iter().map(|url| url.parse().unwrap()).collect();
+        AllowedOrigins::from_urls(&uris).unwrap()
+    }
+
+    #[test]
+    fn only_the_allowed_origins_get_the_token() {
+        let allowed = origins(&[
+            "https://prd.api.nuvy.ai/oauth2/token",
+            "https://user:pass@api.example:8443/base?x=1",
+            "http://127.0.0.1:8080/",
+            "http://[::1]:9000",
+        ]);
+        // (request URI, may it carry the token?)
+        let cases: &[(&str, bool)] = &[
+            ("https://prd.api.nuvy.ai/v1/ping", true),
+            ("https://prd.api.nuvy.ai:443/v1/ping", true),
+            ("HTTPS://PRD.API.NUVY.AI/v1/ping", true),
+            ("https://Prd.Api.Nuvy.Ai", true),
+            ("https://prd.api.nuvy.ai?q=1", true),
+            ("https://someone@prd.api.nuvy.ai/v1", true),
+            ("https://api.example:8443/other/path", true),
+            ("http://127.0.0.1:8080/v1/ping", true),
+            ("http://[::1]:9000/x", true),
+            ("/package.Service/Method", true),
+            ("*", true),
+            // Other origins.
+            ("http://prd.api.nuvy.ai/v1/ping", false),
+            ("https://prd.api.nuvy.ai:8443/v1/ping", false),
+            ("https://qa.api.nuvy.ai/v1/ping", false),
+            ("https://api.nuvy.ai/v1/ping", false),
+            ("https://evil.prd.api.nuvy.ai/v1/ping", false),
+            ("https://prd.api.nuvy.ai.evil.example/v1/ping", false),
+            ("https://prd.api.nuvy.ai./v1/ping", false),
+            ("https://evil.example/prd.api.nuvy.ai", false),
+            ("https://prd.api.nuvy.ai@evil.example/v1/ping", false),
+            ("https://api.example/other/path", false),
+            ("https://api.example:443/", false),
+            ("http://api.example:8443/", false),
+            ("https://127.0.0.1:8080/v1/ping", false),
+            ("http://127.0.0.1:8081/v1/ping", false),
+            ("http://localhost:8080/v1/ping", false),
+            ("http://127.0.0.2:8080/v1/ping", false),
+            ("http://[::1]:9001/x", false),
+            ("http://[::2]:9000/x", false),
+            ("ftp://prd.api.nuvy.ai/file", false),
+            ("ws://prd.api.nuvy.ai/socket", false),
+            ("prd.api.nuvy.ai:443", false),
+        ];
+        for (uri, expected) in cases {
+            let parsed: Uri = uri.parse().unwrap();
+            let result = allowed.check(&parsed);
+            assert_eq!(result.is_ok(), *expected, "{uri}");
+            if let Err(error) = result {
+                let ErrorKind::OriginNotAllowed { origin } = error.kind() else {
+                    panic!("{uri}: {error:?}");
+                };
+                assert!(
+                    !origin.contains("pass") && !origin.contains("/v1"),
+                    "{origin}"
+                );
+                assert!(error.to_string().contains(origin.as_str()), "{error}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_refused_origin_is_named_with_its_port() {
+        let allowed = origins(&["https://prd.api.nuvy.ai/oauth2/token"]);
+        for (uri, named) in [
+            ("http://127.0.0.1:4000/x?token=1", "http://127.0.0.1:4000"),
+            ("https://evil.example/steal", "https://evil.example:443"),
+            (
+                "https://u:p@evil.example:8443/",
+                "https://evil.example:8443",
+            ),
+        ] {
+            let error = allowed.check(&uri.parse().unwrap()).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                &ErrorKind::OriginNotAllowed {
+                    origin: named.to_owned()
+                }
+            );
+        }
+        assert!(AllowedOrigins::from_urls(&["/relative".parse().unwrap()]).is_err());
+        assert!(AllowedOrigins::from_urls(&["ftp://x.example".parse().unwrap()]).is_err());
+        assert_eq!(
+            format!(
+                "{:?}",
+                origins(&["https://u:p@A.example/x", "https://a.example:443"])
+            ),
+            "{https://a.example:443}"
+        );
+    }
+}
