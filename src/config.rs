@@ -308,7 +308,11 @@ fn check_scope(scope: &str) -> Result<(), Error> {
 
 /// A complete, validated configuration. Build one with [`OAuth2Config::builder`] or
 /// [`OAuth2Config::from_env`]; hand it to [`crate::OAuth2Layer::new`].
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows no secret: the `client_secret` is redacted, so are the userinfo and query of
+/// the token endpoint URL and the values of extra parameters (an RFC 7523
+/// `client_assertion`, say).
+#[derive(Clone)]
 pub struct OAuth2Config {
     pub(crate) token_endpoint: Uri,
     pub(crate) credentials: ClientCredentials,
@@ -373,15 +377,113 @@ impl OAuth2Config {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Endpoint {
     Environment(Environment),
     Custom(String),
 }
 
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Environment(environment) => write!(f, "{environment:?}"),
+            Endpoint::Custom(url) => write!(f, "{:?}", redacted_url(url)),
+        }
+    }
+}
+
+/// A URL as `Debug` may show it: userinfo and query replaced by `<redacted>`, since either may
+/// carry a credential (`https://user:pass@host/token`, `?api_key=`). Text that is not a URL is
+/// redacted whole.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<redacted>".to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(at) => format!("<redacted>@{}", &authority[at + 1..]),
+        None => authority.to_owned(),
+    };
+    let path = match tail.find(['?', '#']) {
+        Some(query) => format!("{}?<redacted>", &tail[..query]),
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{host}{path}")
+}
+
+/// Extra parameters as `Debug` shows them: names only.
+struct RedactedParameters<'a>(&'a [(String, String)]);
+
+impl fmt::Debug for RedactedParameters<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(name, _)| (name, "<redacted>")))
+            .finish()
+    }
+}
+
+impl fmt::Debug for OAuth2Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2Config")
+            .field(
+                "token_endpoint",
+                &redacted_url(&self.token_endpoint.to_string()),
+            )
+            .field("credentials", &self.credentials)
+            .field("client_authentication", &self.client_authentication)
+            .field("scope", &self.scope)
+            .field("audience", &self.audience)
+            .field("resource", &self.resource)
+            .field(
+                "extra_parameters",
+                &RedactedParameters(&self.extra_parameters),
+            )
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("token_request_timeout", &self.token_request_timeout)
+            .field("max_token_response_bytes", &self.max_token_response_bytes)
+            .field(
+                "min_token_age_for_401_retry",
+                &self.min_token_age_for_401_retry,
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for OAuth2ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origins: Vec<String> = self
+            .allowed_origins
+            .iter()
+            .map(|url| redacted_url(url))
+            .collect();
+        f.debug_struct("OAuth2ConfigBuilder")
+            .field("endpoint", &self.endpoint)
+            .field("credentials", &self.credentials)
+            .field("client_authentication", &self.client_authentication)
+            .field("scope", &self.scope)
+            .field("audience", &self.audience)
+            .field("resource", &self.resource)
+            .field(
+                "extra_parameters",
+                &RedactedParameters(&self.extra_parameters),
+            )
+            .field("allow_insecure_http", &self.allow_insecure_http)
+            .field("allowed_origins", &origins)
+            .field("token_request_timeout", &self.token_request_timeout)
+            .field("max_token_response_bytes", &self.max_token_response_bytes)
+            .field(
+                "min_token_age_for_401_retry",
+                &self.min_token_age_for_401_retry,
+            )
+            .finish()
+    }
+}
+
 /// Builder of an [`OAuth2Config`]. Every setting has a default; [`build`](Self::build) checks
-/// them all.
-#[derive(Debug, Clone)]
+/// them all. `Debug` redacts as [`OAuth2Config`]'s does.
+#[derive(Clone)]
 pub struct OAuth2ConfigBuilder {
     endpoint: Endpoint,
     credentials: ClientCredentials,
@@ -500,7 +602,7 @@ impl OAuth2ConfigBuilder {
     ///   Appendix A), a line break included; a `:` in the `client_id` with
     ///   [`ClientAuthentication::BasicRaw`] (RFC 7617 §2: it can never authenticate).
     /// - [`ErrorKind::InvalidConfig`]: a token endpoint that is not an absolute `http`/`https`
-    ///   URL; a zero timeout or body cap; a `scope` that is empty or breaks the RFC 6749 §3.3
+    ///   URL, or that has userinfo (`user:password@`, RFC 9110 §4.2.4); a zero timeout or body cap; a `scope` that is empty or breaks the RFC 6749 §3.3
     ///   grammar; an empty `audience`; a `resource` that is not an absolute URI (RFC 8707 §2);
     ///   an extra parameter with an empty name or that would override `grant_type`,
     ///   `client_id`, `client_secret`, `scope`, `audience` or `resource`.
@@ -585,6 +687,16 @@ impl OAuth2ConfigBuilder {
         }
         if token_endpoint.host().is_none_or(str::is_empty) {
             return invalid("token endpoint has no host");
+        }
+        if token_endpoint
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            // RFC 9110 §4.2.4: never sent in a request target; and transports log authorities.
+            return invalid(
+                "token endpoint URL has userinfo (user:password@), which RFC 9110 §4.2.4 forbids \
+                 in a request; give the credentials with ClientCredentials",
+            );
         }
         let mut extra_origins = Vec::with_capacity(self.allowed_origins.len());
         for url in &self.allowed_origins {

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
-use nuvy_oauth2::{ClientCredentials, ClientSecret, OAuth2Config, OAuth2Layer};
+use nuvy_oauth2::{ClientCredentials, ClientSecret, ErrorKind, OAuth2Config, OAuth2Layer};
 use tower::ServiceExt;
 
 const SECRET: &str = "s3cr3t-p@ss:w+rd/%=";
+/// Put in every other secret-bearing place: URL userinfo and query, extra parameter values.
+const MARKER: &str = "M4rk3r-9xQ";
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -134,6 +136,101 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
             source = cause.source();
         }
     }
+    // The same again with MARKER in every secret-bearing place: the secret, the token
+    // endpoint's userinfo and query, an extra parameter (an RFC 7523 client_assertion), an
+    // allowed origin's userinfo and query, and a request URL's userinfo. Every token request
+    // and API request is printed with `Debug` on its way out, as a careless user might.
+    let marked_builder = OAuth2Config::builder(ClientCredentials::new(server.client_id(), MARKER))
+        .token_endpoint(format!(
+            "http://user:{MARKER}@{}/oauth2/token?key={MARKER}",
+            server.addr()
+        ))
+        .allow_insecure_http(true)
+        .extra_parameter("client_assertion", MARKER)
+        .allow_origin(format!("http://user:{MARKER}@127.0.0.2:1/?{MARKER}"))
+        .scope("read");
+    print(format!("{marked_builder:?}"));
+    // Userinfo in the token endpoint is refused (RFC 9110 §4.2.4): transports log authorities.
+    let error = marked_builder.clone().build().unwrap_err();
+    assert!(
+        matches!(error.kind(), ErrorKind::InvalidConfig(_)),
+        "{error}"
+    );
+    print(format!("{error} {error:?}"));
+    let marked_builder = marked_builder.token_endpoint(format!(
+        "http://{}/oauth2/token?key={MARKER}",
+        server.addr()
+    ));
+    print(format!("{marked_builder:?}"));
+    let marked_config = marked_builder.clone().build().unwrap();
+    print(format!("{marked_config:?}"));
+    print(format!("{:?}", marked_config.credentials()));
+    let requests_seen = Arc::new(Mutex::new(String::new()));
+    let seen = Arc::clone(&requests_seen);
+    let transport =
+        http_client().map_request(move |request: nuvy_oauth2::TokenTransportRequest| {
+            seen.lock().unwrap().push_str(&format!("{request:?}\n"));
+            request
+        });
+    let marked_layer = OAuth2Layer::with_token_transport(marked_config, transport).unwrap();
+    print(format!("{marked_layer:?}"));
+    let seen = Arc::clone(&requests_seen);
+    let printing_client = http_client().map_request(move |request: http::Request<_>| {
+        seen.lock().unwrap().push_str(&format!("{request:?}\n"));
+        request
+    });
+    let marked_api = tower::ServiceBuilder::new()
+        .layer(marked_layer.clone().with_retry())
+        .service(printing_client);
+    print(format!("{marked_api:?}"));
+    for url in [
+        url.clone(),
+        format!("http://user:{MARKER}@127.0.0.3:1/v1/ping?{MARKER}"),
+    ] {
+        let error = marked_api.clone().oneshot(get(&url)).await.unwrap_err();
+        print(format!("{error} {error:?}"));
+        let mut source = std::error::Error::source(error.as_ref());
+        while let Some(cause) = source {
+            print(format!("{cause} {cause:?}"));
+            source = cause.source();
+        }
+    }
+    print(format!("{:?}", marked_layer.token_cache().status()));
+    print(format!(
+        "{:?} {:?} {:?} {:?}",
+        nuvy_oauth2::Environment::Qa,
+        nuvy_oauth2::ClientAuthentication::BasicRaw,
+        nuvy_oauth2::UsedTokenGeneration(1),
+        nuvy_oauth2::RefreshReason::Initial
+    ));
+    // And a request that carries the real token, printed by the inner service.
+    let layer_seen = Arc::clone(&requests_seen);
+    let printing_api = tower::ServiceBuilder::new()
+        .layer(layer.clone().with_retry())
+        .service(http_client().map_request(move |request: http::Request<_>| {
+            layer_seen
+                .lock()
+                .unwrap()
+                .push_str(&format!("{request:?}\n"));
+            request
+        }));
+    let response = printing_api.oneshot(get(&url)).await.unwrap();
+    print(format!("{response:?}"));
+    // `http::Request`'s own Debug shows the URI and body it was given (the marked URL and
+    // client_assertion are the caller's own data there), but every header this crate sets is
+    // sensitive: neither the Basic value nor the bearer token shows.
+    let requests_seen = requests_seen.lock().unwrap().clone();
+    assert_eq!(
+        requests_seen
+            .matches(r#""authorization": Sensitive"#)
+            .count(),
+        requests_seen.matches("authorization").count(),
+        "{requests_seen}"
+    );
+    assert!(requests_seen.contains("Bearer") || requests_seen.contains("Sensitive"));
+    let requests_seen_clean = [SECRET, token.expose_secret()];
+    assert_clean(&requests_seen, &requests_seen_clean);
+
     // Refresh-ahead and expiry, so every token request reason shows up in the trace.
     status_of(api.clone(), get(&url)).await.unwrap();
     tokio::time::advance(Duration::from_secs(3060)).await; // 85 %: refresh-ahead
@@ -160,6 +257,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         basic.as_str(),
         basic_encoded.trim_start_matches("Basic "),
         token.expose_secret(),
+        MARKER,
     ];
     assert_clean(&printed, &secrets);
     assert_clean(&logs, &secrets);

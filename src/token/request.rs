@@ -107,7 +107,7 @@ impl TokenRequestTemplate {
 impl std::fmt::Debug for TokenRequestTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenRequestTemplate")
-            .field("uri", &self.uri)
+            .field("uri", &crate::config::redacted_url(&self.uri.to_string()))
             .finish_non_exhaustive()
     }
 }
