@@ -82,6 +82,8 @@ pub(crate) struct CachedToken {
     pub(crate) access_token: AccessToken,
     pub(crate) requested_at: Instant,
     pub(crate) expires_at: Instant,
+    /// The token's scope, see [`TokenCacheStatus::granted_scope`].
+    pub(crate) granted_scope: Option<Arc<str>>,
 }
 
 struct State {
@@ -137,6 +139,11 @@ pub struct TokenCacheStatus {
     pub last_error: Option<Error>,
     /// Whether a token request is in flight now.
     pub refresh_in_flight: bool,
+    /// The scope of the cached token (RFC 6749 §3.3, space-delimited): the `scope` of its token
+    /// response, or the requested scope when the response had none (RFC 6749 §5.1: then it is
+    /// the one requested). `None`: no token, or neither was given. The server may grant less
+    /// than requested; the crate then logs a WARN once per token naming the missing scopes.
+    pub granted_scope: Option<String>,
 }
 
 /// What a request gets from the cache on its slow path.
@@ -295,6 +302,8 @@ impl TokenCache {
                 .in_flight
                 .as_ref()
                 .is_some_and(refresh::InFlight::is_live),
+            granted_scope: current
+                .and_then(|token| token.granted_scope.as_deref().map(str::to_owned)),
         }
     }
 

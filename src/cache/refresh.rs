@@ -149,6 +149,7 @@ fn complete(
                 access_token: fetched.access_token,
                 requested_at: fetched.requested_at,
                 expires_at: schedule.expires_at,
+                granted_scope: fetched.granted_scope,
             });
             state.last_error = None;
             state.retry_not_before = None;

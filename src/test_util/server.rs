@@ -80,6 +80,7 @@ impl NuvyServerBuilder {
                 last_token_request: None,
                 last_api_authorization: None,
                 reject_all_api_requests: false,
+                granted_scope: None,
             }),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
@@ -209,6 +210,7 @@ struct Knobs {
     last_token_request: Option<RecordedRequest>,
     last_api_authorization: Option<HeaderValue>,
     reject_all_api_requests: bool,
+    granted_scope: Option<serde_json::Value>,
 }
 
 struct ServerState {
@@ -344,6 +346,14 @@ impl NuvyServer {
         for _ in 0..count {
             self.push_token_response(ScriptedResponse::normal().delay(delay));
         }
+    }
+
+    /// The `scope` member of every normal token response from now on (RFC 6749 §5.1): `None`
+    /// leaves it out (the default), otherwise this JSON value as it is (a string such as
+    /// `"api:read"`, or anything else to test leniency). The server grants what it says here,
+    /// whatever was requested.
+    pub fn set_granted_scope(&self, scope: Option<serde_json::Value>) {
+        self.state.knobs().granted_scope = scope;
     }
 
     /// While `true`, the API answers 401 `invalid_token` to every request, even with a valid
@@ -582,12 +592,16 @@ impl ServerState {
                 revoked: false,
             },
         );
+        let granted_scope = knobs.granted_scope.clone();
         drop(knobs);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "access_token": token,
             "token_type": "Bearer",
             "expires_in": expires_in,
         });
+        if let Some(scope) = granted_scope {
+            body["scope"] = scope;
+        }
         json_response(StatusCode::OK, body.to_string())
     }
 

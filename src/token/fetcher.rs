@@ -35,6 +35,9 @@ pub(crate) struct FetchedToken {
     pub(crate) access_token: crate::secret::AccessToken,
     pub(crate) authorization: http::HeaderValue,
     pub(crate) lifetime: Duration,
+    /// The scope of the token: the response's `scope`, or the requested one when the response
+    /// has none (RFC 6749 §5.1: then it is identical); `None` when neither.
+    pub(crate) granted_scope: Option<Arc<str>>,
     /// When the token request was sent: expiry counts from here (RFC 6749 §5.1 `expires_in`
     /// is relative to the response, which is later; counting from the request is the safe side).
     pub(crate) requested_at: Instant,
@@ -47,6 +50,8 @@ pub(crate) struct TokenFetcher {
     template: Arc<TokenRequestTemplate>,
     timeout: Duration,
     max_body_bytes: usize,
+    /// The `scope` requested, if any.
+    requested_scope: Option<Arc<str>>,
     /// The origins the token obtained here may be sent to (kept here because the fetcher is
     /// the one part of the configuration every service reaches through its cache).
     allowed_origins: Arc<AllowedOrigins>,
@@ -93,6 +98,7 @@ impl TokenFetcher {
             timeout: config.token_request_timeout,
             max_body_bytes: config.max_token_response_bytes,
             allowed_origins: Arc::new(config.allowed_origins.clone()),
+            requested_scope: config.scope.as_deref().map(Arc::from),
         })
     }
 
@@ -137,7 +143,15 @@ impl TokenFetcher {
                     after: self.timeout,
                 })
             })??;
+        let granted_scope = match grant.scope {
+            Some(granted) => {
+                self.warn_if_scope_missing(&granted);
+                Some(Arc::from(granted))
+            }
+            None => self.requested_scope.clone(),
+        };
         Ok(FetchedToken {
+            granted_scope,
             access_token: grant.access_token,
             authorization: grant.authorization,
             lifetime: grant.lifetime,
@@ -170,6 +184,27 @@ impl TokenFetcher {
     /// The timeout of one token request.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// RFC 6749 §3.3: the server may grant less than asked. Logged at WARN once per token
+    /// (this runs once per token response) with the scope tokens that are missing; scope
+    /// tokens are case-sensitive.
+    fn warn_if_scope_missing(&self, granted: &str) {
+        let Some(requested) = &self.requested_scope else {
+            return;
+        };
+        let missing: Vec<&str> = requested
+            .split(' ')
+            .filter(|wanted| !granted.split(' ').any(|got| got == *wanted))
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                requested = %requested,
+                granted = %granted,
+                missing = %missing.join(" "),
+                "the token endpoint granted less scope than requested (RFC 6749 §3.3)"
+            );
+        }
     }
 
     /// The origins the token may be sent to.

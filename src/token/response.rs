@@ -23,6 +23,34 @@ pub(crate) struct TokenGrant {
     pub(crate) authorization: HeaderValue,
     /// How long the token lives, clamped to [`MAX_TOKEN_LIFETIME`].
     pub(crate) lifetime: Duration,
+    /// The `scope` member (RFC 6749 §5.1), scope tokens separated by single spaces; `None`
+    /// when absent, empty or neither a string nor an array of strings.
+    pub(crate) scope: Option<String>,
+}
+
+/// Longest granted `scope` kept, in characters; the rest is cut.
+const MAX_SCOPE_CHARS: usize = 4096;
+
+/// The granted `scope`: a space-delimited string (RFC 6749 §3.3) or, leniently, an array of
+/// strings as some servers send; whitespace runs become single spaces, control characters are
+/// dropped.
+fn granted_scope(value: Option<&Value>) -> Option<String> {
+    let tokens: Vec<&str> = match value? {
+        Value::String(scope) => scope.split_whitespace().collect(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .flat_map(str::split_whitespace)
+            .collect(),
+        _ => return None,
+    };
+    let scope: String = tokens
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_SCOPE_CHARS)
+        .collect();
+    (!scope.is_empty()).then_some(scope)
 }
 
 /// The delay a `Retry-After` header asks for (RFC 9110 §10.2.3), for a response that arrived
@@ -157,6 +185,7 @@ pub(crate) fn parse_token_response(
         access_token: AccessToken::new(access_token.to_owned()),
         authorization,
         lifetime: lifetime.min(MAX_TOKEN_LIFETIME),
+        scope: granted_scope(json.get("scope")),
     })
 }
 
