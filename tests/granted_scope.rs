@@ -31,6 +31,14 @@ impl Captured {
 
 const WARNING: &str = "granted less scope than requested";
 
+/// (requested scope, the response's `scope` member, status shows, missing scopes warned)
+type Case = (
+    Option<&'static str>,
+    Option<Value>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
 #[tokio::test(flavor = "current_thread")]
 async fn the_granted_scope_is_shown_and_a_missing_one_warned_about_once_per_token() {
     let logs = Captured::default();
@@ -43,8 +51,7 @@ async fn the_granted_scope_is_shown_and_a_missing_one_warned_about_once_per_toke
     // This thread only; the refresh task runs on it too (current_thread runtime).
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    // (requested scope, the response's `scope` member, status shows, missing scopes warned)
-    let cases: &[(Option<&str>, Option<Value>, Option<&str>, Option<&str>)] = &[
+    let cases: &[Case] = &[
         (
             Some("api:read api:write"),
             Some(json!("api:read")),
