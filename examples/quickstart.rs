@@ -4,7 +4,13 @@
 //! cargo run --example quickstart                      # against the embedded server (offline)
 //! cargo run --example quickstart -- --env qa --api-url https://qa.api.nuvy.ai/<path>
 //! cargo run --example quickstart -- --token-endpoint https://auth.example/token --api-url https://api.example/x
+//! cargo run --example quickstart -- --allow-http-loopback \
+//!     --token-endpoint http://127.0.0.1:8080/oauth2/token --api-url http://127.0.0.1:8080/v1/ping
 //! ```
+//!
+//! `--allow-http-loopback` allows plain http for loopback hosts only (127.0.0.0/8, `[::1]`,
+//! `localhost`): a development server or a sidecar. Any other http host is refused. The token
+//! goes only to the token endpoint's origin and the `--api-url` origin.
 //!
 //! Offline it starts the embedded Nuvy-compatible server with 3-second tokens, then
 //! (a) fires 1,000 concurrent API calls on a cold cache, (b) waits past the token lifetime and
@@ -164,6 +170,7 @@ async fn run() -> Result<bool, BoxError> {
 async fn burst(name: &str, api: &Api, target: &Target, report: &mut Report) {
     let cache = token_cache(api);
     let before = cache.token_requests();
+    let replays_before = cache.unauthorized_retries();
     let mut calls = JoinSet::new();
     for _ in 0..BURST {
         calls.spawn(call(api.clone(), &target.api_url));
@@ -179,8 +186,10 @@ async fn burst(name: &str, api: &Api, target: &Target, report: &mut Report) {
     }
     report.successes += successes;
     let token_requests = cache.token_requests() - before;
+    let replays = cache.unauthorized_retries() - replays_before;
     println!(
-        "{name:<17} -> {BURST} concurrent calls, {successes} ok, {token_requests} token request(s)"
+        "{name:<17} -> {BURST} concurrent calls, {successes} ok, {token_requests} token request(s), \
+         {replays} 401 replay(s)"
     );
     if token_requests > 1 {
         report
@@ -211,16 +220,20 @@ async fn target_from_args() -> Result<Target, BoxError> {
     let mut environment = None;
     let mut token_endpoint = None;
     let mut api_url = None;
+    let mut allow_http_loopback = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "--env" => environment = Some(value()?.parse::<Environment>()?),
             "--token-endpoint" => token_endpoint = Some(value()?),
             "--api-url" => api_url = Some(value()?),
+            "--allow-http-loopback" => allow_http_loopback = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: quickstart [--env qa|production | --token-endpoint URL] --api-url URL\n\
-                     with no arguments, runs against the embedded server"
+                    "usage: quickstart [--env qa|production | --token-endpoint URL] --api-url URL \
+                     [--allow-http-loopback]\n\
+                     with no arguments, runs against the embedded server; \
+                     --allow-http-loopback allows plain http to 127.0.0.0/8, [::1] and localhost only"
                 );
                 std::process::exit(0);
             }
@@ -253,7 +266,9 @@ async fn target_from_args() -> Result<Target, BoxError> {
     };
     // The token goes only to allowed origins (RFC 6750 §5.3): the token endpoint's, and the
     // API's named here.
-    let builder = builder.allow_origin(api_url.clone());
+    let builder = builder
+        .allow_origin(api_url.clone())
+        .allow_insecure_http_on_loopback(allow_http_loopback);
     Ok(Target {
         config: builder.build()?,
         api_url,

@@ -342,6 +342,7 @@ impl OAuth2Config {
             resource: None,
             extra_parameters: Vec::new(),
             allow_insecure_http: false,
+            allow_insecure_http_on_loopback: false,
             allowed_origins: Vec::new(),
             token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
             max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
@@ -412,6 +413,21 @@ pub(crate) fn redacted_url(url: &str) -> String {
     format!("{scheme}://{host}{path}")
 }
 
+/// Whether a URI host (as [`Uri::host`] gives it, IPv6 in brackets) is loopback by itself,
+/// without a resolver: `localhost`, `127.0.0.0/8`, `::1`.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Some(ipv6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return ipv6
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    }
+    host.parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Extra parameters as `Debug` shows them: names only.
 struct RedactedParameters<'a>(&'a [(String, String)]);
 
@@ -470,6 +486,10 @@ impl fmt::Debug for OAuth2ConfigBuilder {
                 &RedactedParameters(&self.extra_parameters),
             )
             .field("allow_insecure_http", &self.allow_insecure_http)
+            .field(
+                "allow_insecure_http_on_loopback",
+                &self.allow_insecure_http_on_loopback,
+            )
             .field("allowed_origins", &origins)
             .field("token_request_timeout", &self.token_request_timeout)
             .field("max_token_response_bytes", &self.max_token_response_bytes)
@@ -493,6 +513,7 @@ pub struct OAuth2ConfigBuilder {
     resource: Option<String>,
     extra_parameters: Vec<(String, String)>,
     allow_insecure_http: bool,
+    allow_insecure_http_on_loopback: bool,
     allowed_origins: Vec<String>,
     token_request_timeout: Duration,
     max_token_response_bytes: usize,
@@ -554,6 +575,19 @@ impl OAuth2ConfigBuilder {
     /// Turn it on only for loopback tests and the embedded test server.
     pub fn allow_insecure_http(mut self, allow: bool) -> Self {
         self.allow_insecure_http = allow;
+        self
+    }
+
+    /// Allows plain `http` for loopback hosts only: `127.0.0.0/8`, `[::1]` and `localhost` (any
+    /// case), for a development server or a sidecar on the same machine. The token endpoint and
+    /// every [`allow_origin`](Self::allow_origin) may then be `http` if their host is one of
+    /// these; any other `http` host is still refused by [`build`](Self::build) with
+    /// [`ErrorKind::InsecureScheme`], and API requests go only to allowed origins, so plain http
+    /// never leaves the machine. Other names that may resolve to loopback
+    /// (`*.localhost`, IPv4-mapped IPv6) are not trusted. Off by default. Once built, the
+    /// configuration reports [`OAuth2Config::allows_insecure_http`] as `true`.
+    pub fn allow_insecure_http_on_loopback(mut self, allow: bool) -> Self {
+        self.allow_insecure_http_on_loopback = allow;
         self
     }
 
@@ -678,6 +712,9 @@ impl OAuth2ConfigBuilder {
         match token_endpoint.scheme_str() {
             Some("https") => {}
             Some("http") if self.allow_insecure_http => {}
+            Some("http")
+                if self.allow_insecure_http_on_loopback
+                    && token_endpoint.host().is_some_and(is_loopback_host) => {}
             Some("http") => {
                 return Err(Error::new(ErrorKind::InsecureScheme {
                     target: "token endpoint",
@@ -709,6 +746,8 @@ impl OAuth2ConfigBuilder {
                 .scheme_str()
                 .is_some_and(|s| s.eq_ignore_ascii_case("http"))
                 && !self.allow_insecure_http
+                && !(self.allow_insecure_http_on_loopback
+                    && uri.host().is_some_and(is_loopback_host))
             {
                 return Err(Error::new(ErrorKind::InsecureScheme {
                     target: "allowed origin",
@@ -740,7 +779,9 @@ impl OAuth2ConfigBuilder {
             audience: self.audience,
             resource: self.resource,
             extra_parameters: self.extra_parameters,
-            allow_insecure_http: self.allow_insecure_http,
+            // Every http origin was checked to be loopback above, and the origin check keeps API
+            // requests to allowed origins: plain http can then reach loopback only.
+            allow_insecure_http: self.allow_insecure_http || self.allow_insecure_http_on_loopback,
             allowed_origins,
             token_request_timeout: self.token_request_timeout,
             max_token_response_bytes: self.max_token_response_bytes,

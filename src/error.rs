@@ -79,7 +79,9 @@ pub enum ErrorKind {
     /// The configuration is unusable (empty client_id or client_secret, an unparsable token
     /// endpoint URL, a zero timeout, ...). The text says which setting.
     InvalidConfig(String),
-    /// A URL uses plain `http` while [`crate::OAuth2ConfigBuilder::allow_insecure_http`] is off.
+    /// A URL uses plain `http` while [`crate::OAuth2ConfigBuilder::allow_insecure_http`] is off
+    /// (and, with [`crate::OAuth2ConfigBuilder::allow_insecure_http_on_loopback`], its host is
+    /// not loopback).
     /// The Nuvy authentication documentation requires HTTPS for all requests; nothing was sent.
     InsecureScheme {
         /// `"token endpoint"` or `"API request"`.
@@ -293,7 +295,8 @@ impl fmt::Display for Error {
             ErrorKind::InsecureScheme { target } => write!(
                 f,
                 "refusing to use plain http for the {target}: HTTPS is required \
-                 (allow_insecure_http is off)"
+                 (allow_insecure_http is off; allow_insecure_http_on_loopback allows loopback \
+                 hosts only)"
             ),
             ErrorKind::OriginNotAllowed { origin } => write!(
                 f,
