@@ -155,3 +155,25 @@ async fn a_direct_request_to_another_origin_fails_before_anything_is_sent() {
         );
     }
 }
+
+#[tokio::test]
+async fn with_redirects_followed_inside_the_auth_layer_the_other_origin_gets_no_token() {
+    // The recommended order (README): auth layer outside, FollowRedirectLayer inside. The
+    // token is added once; tower-http drops Authorization when the redirect leaves the origin.
+    let api_server = server(Duration::from_secs(60)).await;
+    let other = server(Duration::from_secs(60)).await;
+    let layer = layer(&api_server);
+    let api = ServiceBuilder::new()
+        .layer(layer.clone())
+        .layer(FollowRedirectLayer::new())
+        .service(http_client());
+    let response = api
+        .oneshot(get(&redirect_url(&api_server, &other.api_url("/v1/ping"))))
+        .await
+        .unwrap();
+    // The other server saw the hop, without a token, and answered 401 to it.
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(api_server.last_api_authorization().is_some());
+    assert_eq!(other.api_requests(), 1);
+    assert!(other.last_api_authorization().is_none());
+}
