@@ -29,6 +29,8 @@ pub struct Error {
 struct Inner {
     kind: ErrorKind,
     source: Option<Box<dyn StdError + Send + Sync>>,
+    /// The token endpoint a failed token request went to, without userinfo or query.
+    endpoint: Option<Box<str>>,
 }
 
 /// The RFC 6749 §5.2 error fields of a token endpoint's error response, each present only when
@@ -145,12 +147,15 @@ pub enum ErrorKind {
         /// The limit in bytes.
         limit: usize,
     },
-    /// The token request did not complete within the token request timeout.
+    /// The token request did not complete within the token request timeout. `Display` names
+    /// the endpoint ([`Error::token_endpoint`]).
     Timeout {
         /// The timeout that elapsed.
         after: Duration,
     },
-    /// The token request failed in transport (connect, TLS, I/O); see [`std::error::Error::source`].
+    /// The token request failed in transport (DNS, connect, TLS, proxy, I/O). `Display` names
+    /// the endpoint ([`Error::token_endpoint`]) and the innermost cause in short form
+    /// ([`Error::cause`]); the whole chain is in [`std::error::Error::source`].
     Transport,
     /// The token refresh ended without a result (its task panicked or the runtime shut down).
     RefreshAborted,
@@ -161,7 +166,27 @@ pub enum ErrorKind {
 impl Error {
     pub(crate) fn new(kind: ErrorKind) -> Self {
         Self {
-            inner: Arc::new(Inner { kind, source: None }),
+            inner: Arc::new(Inner {
+                kind,
+                source: None,
+                endpoint: None,
+            }),
+        }
+    }
+
+    /// A token request to `endpoint` (already stripped of userinfo and query, see
+    /// [`crate::cause::endpoint_for_display`]) that failed in transport or timed out.
+    pub(crate) fn at_endpoint(
+        kind: ErrorKind,
+        endpoint: &str,
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kind,
+                source,
+                endpoint: Some(endpoint.into()),
+            }),
         }
     }
 
@@ -170,6 +195,7 @@ impl Error {
             inner: Arc::new(Inner {
                 kind,
                 source: Some(source),
+                endpoint: None,
             }),
         }
     }
@@ -177,6 +203,23 @@ impl Error {
     /// What went wrong.
     pub fn kind(&self) -> &ErrorKind {
         &self.inner.kind
+    }
+
+    /// The token endpoint of a token request that failed in transport or timed out
+    /// ([`ErrorKind::Transport`], [`ErrorKind::Timeout`]): scheme, host, port and path, never
+    /// userinfo or query. `None` for other errors.
+    pub fn token_endpoint(&self) -> Option<&str> {
+        self.inner.endpoint.as_deref()
+    }
+
+    /// The innermost cause of a transport error in short form ("connection refused",
+    /// "dns error: no such host", "invalid peer certificate: UnknownIssuer"), as `Display`
+    /// shows it. `None` when the error has no source.
+    pub fn cause(&self) -> Option<String> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|source| crate::cause::short_cause(source as &(dyn StdError + 'static)))
     }
 
     /// The token endpoint's HTTP status, when the error comes from a token response.
@@ -350,9 +393,22 @@ impl fmt::Display for Error {
                 write!(f, "token response body exceeds the {limit}-byte limit")
             }
             ErrorKind::Timeout { after } => {
-                write!(f, "token request timed out after {after:?}")
+                f.write_str("token request")?;
+                if let Some(endpoint) = &self.inner.endpoint {
+                    write!(f, " to {endpoint}")?;
+                }
+                write!(f, " timed out after {after:?}")
             }
-            ErrorKind::Transport => f.write_str("token request failed in transport"),
+            ErrorKind::Transport => {
+                f.write_str("token request")?;
+                if let Some(endpoint) = &self.inner.endpoint {
+                    write!(f, " to {endpoint}")?;
+                }
+                match self.cause() {
+                    Some(cause) => write!(f, " failed: {cause}"),
+                    None => f.write_str(" failed in transport"),
+                }
+            }
             ErrorKind::RefreshAborted => f.write_str("token refresh ended without a result"),
             ErrorKind::NoRuntime => {
                 f.write_str("no Tokio runtime: the token refresh must run inside one")
@@ -365,8 +421,12 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("Error");
         debug.field("kind", &self.inner.kind);
+        if let Some(endpoint) = &self.inner.endpoint {
+            debug.field("endpoint", endpoint);
+        }
         if let Some(source) = &self.inner.source {
             debug.field("source", &format_args!("{source}"));
+            debug.field("cause", &self.cause().unwrap_or_default());
         }
         debug.finish()
     }

@@ -66,6 +66,7 @@
 extern crate self as nuvy_oauth2;
 
 mod cache;
+mod cause;
 mod challenge;
 mod config;
 mod error;

@@ -55,6 +55,8 @@ pub(crate) struct TokenFetcher {
     /// The origins the token obtained here may be sent to (kept here because the fetcher is
     /// the one part of the configuration every service reaches through its cache).
     allowed_origins: Arc<AllowedOrigins>,
+    /// The token endpoint as errors name it (no userinfo, no query).
+    endpoint: Arc<str>,
 }
 
 impl TokenFetcher {
@@ -99,6 +101,7 @@ impl TokenFetcher {
             max_body_bytes: config.max_token_response_bytes,
             allowed_origins: Arc::new(config.allowed_origins.clone()),
             requested_scope: config.scope.as_deref().map(Arc::from),
+            endpoint: crate::cause::endpoint_for_display(&config.token_endpoint).into(),
         })
     }
 
@@ -115,11 +118,17 @@ impl TokenFetcher {
                 .clone()
                 .oneshot(self.template.build())
                 .await
-                .map_err(|error| Error::with_source(ErrorKind::Transport, error))?;
+                .map_err(|error| self.transport_error(error))?;
             let arrived = Instant::now();
             let (parts, body) = response.into_parts();
             let retry_after = retry_after_delay(&parts.headers, std::time::SystemTime::now());
-            let body = read_capped(body, self.max_body_bytes).await?;
+            let body =
+                read_capped(body, self.max_body_bytes)
+                    .await
+                    .map_err(|error| match error {
+                        ReadError::TooLarge(error) => error,
+                        ReadError::Transport(error) => self.transport_error(error),
+                    })?;
             if !body.is_empty() {
                 if let Some(encoding) = unexpected_content_encoding(&parts.headers) {
                     return Err(Error::new(ErrorKind::UnexpectedContentEncoding {
@@ -139,9 +148,13 @@ impl TokenFetcher {
         let grant = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| {
-                Error::new(ErrorKind::Timeout {
-                    after: self.timeout,
-                })
+                Error::at_endpoint(
+                    ErrorKind::Timeout {
+                        after: self.timeout,
+                    },
+                    &self.endpoint,
+                    None,
+                )
             })??;
         let granted_scope = match grant.scope {
             Some(granted) => {
@@ -160,16 +173,21 @@ impl TokenFetcher {
     }
 }
 
+enum ReadError {
+    TooLarge(Error),
+    Transport(BoxError),
+}
+
 /// Reads a whole body, failing with [`ErrorKind::ResponseTooLarge`] as soon as it passes
 /// `limit` bytes (or announces more than that up front), so memory stays bounded.
-async fn read_capped(mut body: TokenTransportBody, limit: usize) -> Result<Vec<u8>, Error> {
-    let too_large = || Error::new(ErrorKind::ResponseTooLarge { limit });
+async fn read_capped(mut body: TokenTransportBody, limit: usize) -> Result<Vec<u8>, ReadError> {
+    let too_large = || ReadError::TooLarge(Error::new(ErrorKind::ResponseTooLarge { limit }));
     if body.size_hint().lower() > limit as u64 {
         return Err(too_large());
     }
     let mut collected = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|error| Error::with_source(ErrorKind::Transport, error))?;
+        let frame = frame.map_err(ReadError::Transport)?;
         if let Ok(data) = frame.into_data() {
             if collected.len() + data.len() > limit {
                 return Err(too_large());
@@ -181,6 +199,11 @@ async fn read_capped(mut body: TokenTransportBody, limit: usize) -> Result<Vec<u
 }
 
 impl TokenFetcher {
+    /// A transport error of a token request to this fetcher's endpoint.
+    fn transport_error(&self, error: BoxError) -> Error {
+        Error::at_endpoint(ErrorKind::Transport, &self.endpoint, Some(error))
+    }
+
     /// The timeout of one token request.
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout

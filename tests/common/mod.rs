@@ -12,6 +12,9 @@
 #[path = "../../src/test_util/mod.rs"]
 pub mod test_util;
 
+/// A private CA and a TLS front for the embedded server (HTTPS on loopback).
+pub mod tls;
+
 pub use test_util::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};
 
 use std::time::Duration;
