@@ -209,14 +209,17 @@ fn rotation(c: &mut Criterion) {
 }
 
 fn retry_401(c: &mut Criterion) {
-    let runtime = runtime();
-    let server = runtime.block_on(NuvyServer::start()).unwrap();
-    // Every iteration revokes the token the previous one just fetched: turn off the
-    // fresh-token guard, which would (rightly) return those 401s unretried.
-    let config = loopback_config(&server)
-        .min_token_age_for_401_retry(Duration::ZERO)
+    // Every iteration revokes the token the previous one just fetched. Consecutive generations
+    // rejected moments after issue would (rightly) make the cache hold its 401s back
+    // (`REJECTED_GENERATION_BACKOFF`), so each iteration first ages the token past
+    // `REJECTED_GENERATION_WINDOW` on a paused clock: every 401 is then a lone revocation.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
         .build()
         .unwrap();
+    let server = runtime.block_on(NuvyServer::start()).unwrap();
+    let config = loopback_config(&server).build().unwrap();
     let layer = OAuth2Layer::new(config).unwrap();
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let api = ServiceBuilder::new()
@@ -235,6 +238,7 @@ fn retry_401(c: &mut Criterion) {
     });
     group.bench_function("401_refresh_replay", |b| {
         b.to_async(&runtime).iter(|| async {
+            tokio::time::advance(nuvy_oauth2::REJECTED_GENERATION_WINDOW).await;
             server.revoke_all_tokens();
             let response = api.clone().oneshot(get()).await.unwrap();
             assert_eq!(response.status(), 200);

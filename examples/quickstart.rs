@@ -110,8 +110,6 @@ async fn run() -> Result<bool, BoxError> {
 
     // (c) The server revokes the token; one call recovers through the 401 retry.
     if let Some(server) = &target.server {
-        // A 401 for a token issued less than a second ago is not retried (loop guard).
-        tokio::time::sleep(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
         server.revoke_all_tokens();
         let before = cache.token_requests();
         let retries_before = cache.unauthorized_retries();

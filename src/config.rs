@@ -49,6 +49,14 @@ pub const DEFAULT_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on a token response body: 64 KiB. A token reply is a few KiB at most; an
 /// endless body must not exhaust memory.
 pub const DEFAULT_MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+/// Longest token request timeout [`OAuth2ConfigBuilder::token_request_timeout`] accepts:
+/// 10 min. A token endpoint slower than that is down; the valid range is 1 ms to 10 min.
+pub const MAX_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Shortest token request timeout accepted: 1 ms (zero would fail every request).
+pub const MIN_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_millis(1);
+/// Largest token response body cap [`OAuth2ConfigBuilder::max_token_response_bytes`] accepts:
+/// 16 MiB. The valid range is 1 byte to 16 MiB.
+pub const MAX_TOKEN_RESPONSE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 /// Upper bound of the refresh margin: a token is treated as expired (callers wait for a new one)
 /// this long before its `expires_in` runs out, or 10 % of its lifetime when that is shorter
 /// ([`REFRESH_MARGIN_PERCENT`]). 60 s covers clock skew and the time a request spends in flight.
@@ -326,7 +334,6 @@ pub struct OAuth2Config {
     pub(crate) allowed_origins: AllowedOrigins,
     pub(crate) token_request_timeout: Duration,
     pub(crate) max_token_response_bytes: usize,
-    pub(crate) min_token_age_for_401_retry: Duration,
 }
 
 impl OAuth2Config {
@@ -346,7 +353,6 @@ impl OAuth2Config {
             allowed_origins: Vec::new(),
             token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
             max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
-            min_token_age_for_401_retry: crate::cache::MIN_TOKEN_AGE_FOR_401_RETRY,
         }
     }
 
@@ -459,10 +465,6 @@ impl fmt::Debug for OAuth2Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("token_request_timeout", &self.token_request_timeout)
             .field("max_token_response_bytes", &self.max_token_response_bytes)
-            .field(
-                "min_token_age_for_401_retry",
-                &self.min_token_age_for_401_retry,
-            )
             .finish()
     }
 }
@@ -493,10 +495,6 @@ impl fmt::Debug for OAuth2ConfigBuilder {
             .field("allowed_origins", &origins)
             .field("token_request_timeout", &self.token_request_timeout)
             .field("max_token_response_bytes", &self.max_token_response_bytes)
-            .field(
-                "min_token_age_for_401_retry",
-                &self.min_token_age_for_401_retry,
-            )
             .finish()
     }
 }
@@ -517,7 +515,6 @@ pub struct OAuth2ConfigBuilder {
     allowed_origins: Vec<String>,
     token_request_timeout: Duration,
     max_token_response_bytes: usize,
-    min_token_age_for_401_retry: Duration,
 }
 
 impl OAuth2ConfigBuilder {
@@ -607,23 +604,22 @@ impl OAuth2ConfigBuilder {
         self
     }
 
-    /// Timeout of each token request (default [`DEFAULT_TOKEN_REQUEST_TIMEOUT`]).
+    /// Timeout of each token request, counted from the start of its refresh (default
+    /// [`DEFAULT_TOKEN_REQUEST_TIMEOUT`], 10 s). Valid range: [`MIN_TOKEN_REQUEST_TIMEOUT`]
+    /// (1 ms) to [`MAX_TOKEN_REQUEST_TIMEOUT`] (10 min); [`build`](Self::build) refuses
+    /// anything else with [`ErrorKind::SettingOutOfRange`]. Callers waiting for a token give up
+    /// 1 s after it.
     pub fn token_request_timeout(mut self, timeout: Duration) -> Self {
         self.token_request_timeout = timeout;
         self
     }
 
-    /// Cap on the token response body in bytes (default [`DEFAULT_MAX_TOKEN_RESPONSE_BYTES`]).
+    /// Cap on the token response body, in bytes (default
+    /// [`DEFAULT_MAX_TOKEN_RESPONSE_BYTES`], 64 KiB). Valid range: 1 to
+    /// [`MAX_TOKEN_RESPONSE_BYTES_LIMIT`] (16 MiB); [`build`](Self::build) refuses anything
+    /// else with [`ErrorKind::SettingOutOfRange`].
     pub fn max_token_response_bytes(mut self, limit: usize) -> Self {
         self.max_token_response_bytes = limit;
-        self
-    }
-
-    /// A 401 for a token requested less than this long ago is returned as it is, neither
-    /// invalidated nor replayed (default [`crate::MIN_TOKEN_AGE_FOR_401_RETRY`], 1 s): the
-    /// guard against a server that rejects fresh tokens. `Duration::ZERO` turns it off.
-    pub fn min_token_age_for_401_retry(mut self, age: Duration) -> Self {
-        self.min_token_age_for_401_retry = age;
         self
     }
 
@@ -636,12 +632,14 @@ impl OAuth2ConfigBuilder {
     ///   Appendix A), a line break included; a `:` in the `client_id` with
     ///   [`ClientAuthentication::BasicRaw`] (RFC 7617 §2: it can never authenticate).
     /// - [`ErrorKind::InvalidConfig`]: a token endpoint that is not an absolute `http`/`https`
-    ///   URL, or that has userinfo (`user:password@`, RFC 9110 §4.2.4); a zero timeout or body cap; a `scope` that is empty or breaks the RFC 6749 §3.3
+    ///   URL, or that has userinfo (`user:password@`, RFC 9110 §4.2.4); a `scope` that is empty or breaks the RFC 6749 §3.3
     ///   grammar; an empty `audience`; a `resource` that is not an absolute URI (RFC 8707 §2);
     ///   an extra parameter with an empty name or that would override `grant_type`,
     ///   `client_id`, `client_secret`, `scope`, `audience` or `resource`.
     /// - [`ErrorKind::InvalidConfig`] too for an [`allow_origin`](Self::allow_origin) URL that
     ///   is not an absolute `http`/`https` URL with a host.
+    /// - [`ErrorKind::SettingOutOfRange`] naming the setting: a token request timeout outside
+    ///   1 ms to 10 min, a body cap outside 1 byte to 16 MiB.
     /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint or allowed origin without
     ///   [`allow_insecure_http`](Self::allow_insecure_http).
     pub fn build(self) -> Result<OAuth2Config, Error> {
@@ -683,11 +681,19 @@ impl OAuth2ConfigBuilder {
         {
             return invalid("an extra parameter has an empty name");
         }
-        if self.token_request_timeout.is_zero() {
-            return invalid("token_request_timeout is zero");
+        if !(MIN_TOKEN_REQUEST_TIMEOUT..=MAX_TOKEN_REQUEST_TIMEOUT)
+            .contains(&self.token_request_timeout)
+        {
+            return Err(Error::new(ErrorKind::SettingOutOfRange {
+                setting: "token_request_timeout",
+                valid: "1 ms to 10 min",
+            }));
         }
-        if self.max_token_response_bytes == 0 {
-            return invalid("max_token_response_bytes is zero");
+        if !(1..=MAX_TOKEN_RESPONSE_BYTES_LIMIT).contains(&self.max_token_response_bytes) {
+            return Err(Error::new(ErrorKind::SettingOutOfRange {
+                setting: "max_token_response_bytes",
+                valid: "1 byte to 16 MiB",
+            }));
         }
         if let Some((name, _)) = self.extra_parameters.iter().find(|(name, _)| {
             matches!(
@@ -785,7 +791,6 @@ impl OAuth2ConfigBuilder {
             allowed_origins,
             token_request_timeout: self.token_request_timeout,
             max_token_response_bytes: self.max_token_response_bytes,
-            min_token_age_for_401_retry: self.min_token_age_for_401_retry,
         })
     }
 }

@@ -81,6 +81,14 @@ pub enum ErrorKind {
     /// The configuration is unusable (empty client_id or client_secret, an unparsable token
     /// endpoint URL, a zero timeout, ...). The text says which setting.
     InvalidConfig(String),
+    /// A builder setting lies outside its documented valid range (see
+    /// [`crate::OAuth2ConfigBuilder`]); nothing was built.
+    SettingOutOfRange {
+        /// The builder method, e.g. `"token_request_timeout"`.
+        setting: &'static str,
+        /// The valid range, e.g. `"1 ms to 10 min"`.
+        valid: &'static str,
+    },
     /// A URL uses plain `http` while [`crate::OAuth2ConfigBuilder::allow_insecure_http`] is off
     /// (and, with [`crate::OAuth2ConfigBuilder::allow_insecure_http_on_loopback`], its host is
     /// not loopback).
@@ -161,6 +169,9 @@ pub enum ErrorKind {
     RefreshAborted,
     /// No Tokio runtime is running; the token refresh needs one to run in.
     NoRuntime,
+    /// The Tokio runtime was built without its time driver (no `enable_time()` or
+    /// `enable_all()`); the token request timeout and the refresh deadlines need it.
+    NoTimeDriver,
 }
 
 impl Error {
@@ -335,6 +346,10 @@ impl fmt::Display for Error {
                 Ok(())
             }
             ErrorKind::InvalidConfig(what) => write!(f, "invalid OAuth2 configuration: {what}"),
+            ErrorKind::SettingOutOfRange { setting, valid } => write!(
+                f,
+                "invalid OAuth2 configuration: {setting} must be within {valid}"
+            ),
             ErrorKind::InsecureScheme { target } => write!(
                 f,
                 "refusing to use plain http for the {target}: HTTPS is required \
@@ -413,6 +428,9 @@ impl fmt::Display for Error {
             ErrorKind::NoRuntime => {
                 f.write_str("no Tokio runtime: the token refresh must run inside one")
             }
+            ErrorKind::NoTimeDriver => f.write_str(
+                "the Tokio runtime has no time driver: build it with enable_time() or enable_all()",
+            ),
         }
     }
 }

@@ -96,7 +96,7 @@ impl OAuth2Layer {
 
     fn from_parts(config: &OAuth2Config, fetcher: TokenFetcher) -> Self {
         Self {
-            cache: TokenCache::new(fetcher, config.min_token_age_for_401_retry),
+            cache: TokenCache::new(fetcher),
             allow_insecure_http: config.allow_insecure_http,
         }
     }

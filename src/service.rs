@@ -32,9 +32,9 @@ use crate::future::ResponseFuture;
 /// - A 401 about the token (no `WWW-Authenticate`, or a `Bearer` challenge with
 ///   `error="invalid_token"` or no error) invalidates the token it was answered for, whether or
 ///   not the request is replayed, and carries [`UsedTokenGeneration`] in its extensions for
-///   [`crate::RetryOnUnauthorized`]; except when that token was requested less than
-///   [`crate::MIN_TOKEN_AGE_FOR_401_RETRY`] ago (a server rejecting fresh tokens): then the 401
-///   is returned untagged and the token stays.
+///   [`crate::RetryOnUnauthorized`]; except while consecutive generations are being rejected
+///   shortly after issue (a server rejecting every token): then the 401 is returned untagged
+///   and the token stays until the [`crate::REJECTED_GENERATION_BACKOFF`] step ends.
 ///
 /// `Clone` is cheap: an `Arc` bump, the inner service's clone, and a refcount bump of the header.
 pub struct OAuth2Service<S> {

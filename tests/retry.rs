@@ -40,7 +40,7 @@ async fn a_persistent_401_is_returned_after_one_retry() {
     let api = api(&layer);
     let url = server.api_url("/v1/ping");
     status_of(api.clone(), get(&url)).await.unwrap();
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
+    tokio::time::advance(nuvy_oauth2::REJECTED_GENERATION_WINDOW).await;
     server.reject_all_api_requests(true);
     let status = status_of(api, get(&url)).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -53,26 +53,71 @@ async fn a_persistent_401_is_returned_after_one_retry() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_server_that_rejects_fresh_tokens_gets_its_401s_back_without_a_token_request_each() {
+async fn a_server_rejecting_every_token_costs_one_token_request_per_backoff_step() {
     let server = server(Duration::from_secs(3600)).await;
     server.reject_all_api_requests(true);
     let layer = layer(&server);
     let api = api(&layer);
     let url = server.api_url("/v1/ping");
-    for _ in 0..10 {
-        let status = status_of(api.clone(), get(&url)).await.unwrap();
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // 60 s of traffic, 10 concurrent requests every 100 ms: 6,000 requests, all 401.
+    for _ in 0..600 {
+        let mut calls = JoinSet::new();
+        for _ in 0..10 {
+            calls.spawn(status_of(api.clone(), get(&url)));
+        }
+        while let Some(result) = calls.join_next().await {
+            assert_eq!(result.unwrap().unwrap(), StatusCode::UNAUTHORIZED);
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        server.api_requests(),
-        10,
-        "no replay for a token issued moments ago"
-    );
-    assert_eq!(
-        server.token_requests(),
-        1,
-        "and no token request per API request"
-    );
+    // The first token's 401 is replayed (one rejection always may); the second generation
+    // rejected moments after issue starts the backoff: 1 s, 2 s, 4 s, 8 s, 16 s, then 30 s.
+    // New tokens at 0 s (two), 1 s, 3 s, 7 s, 15 s and 31 s: seven in 60 s.
+    assert_eq!(server.token_requests(), 7);
+    // Each step's burst is replayed once, with the one new token of that step.
+    assert_eq!(layer.token_cache().unauthorized_retries(), 6 * 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_revoked_right_after_issue_costs_one_refresh_and_no_failed_request() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    // Revoked at once, then 1,000 requests together: each is replayed with the one new token.
+    server.revoke_all_tokens();
+    let mut calls = JoinSet::new();
+    for _ in 0..1000 {
+        calls.spawn(status_of(api.clone(), get(&url)));
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(server.token_requests(), 2);
+    assert_eq!(layer.token_cache().status().generation, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_401_on_a_cold_cache_is_replayed() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    // The API refuses the very first token (say, its keys were rotated a moment too late).
+    server.reject_all_api_requests(true);
+    let mut first = Box::pin(status_of(api.clone(), get(&url)));
+    // Let the first API answer arrive, then heal the API before the replay.
+    while server.api_unauthorized() == 0 {
+        tokio::select! {
+            biased;
+            result = &mut first => panic!("returned before the replay: {result:?}"),
+            () = tokio::task::yield_now() => {}
+        }
+    }
+    server.reject_all_api_requests(false);
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(server.token_requests(), 2);
 }
 
 #[tokio::test(start_paused = true)]

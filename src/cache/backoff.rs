@@ -17,6 +17,28 @@ pub const PERMANENT_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// Longest `Retry-After` honoured: 10 min. A longer one is cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// Pause before the 401-driven refresh after a second consecutive token generation was
+/// rejected shortly after issue: 1 s, doubled per further rejected generation up to
+/// [`MAX_FAILURE_BACKOFF`]. One rejection always invalidates the token and replays the request
+/// (a revoked token, a key rotation); a server that rejects every token instead gets one token
+/// request per backoff step, and meanwhile its 401s are returned as they are.
+pub const REJECTED_GENERATION_BACKOFF: Duration = Duration::from_secs(1);
+/// A rejected token counts towards a run of consecutive rejected generations only when the
+/// 401 came within this long of its token request: 10 s. A token that worked for longer and
+/// was then revoked starts a new run; its 401 is always replayed.
+pub const REJECTED_GENERATION_WINDOW: Duration = Duration::from_secs(10);
+
+/// The hold after `streak` consecutive generations were rejected shortly after issue: none for
+/// the first one, then [`REJECTED_GENERATION_BACKOFF`] doubling up to [`MAX_FAILURE_BACKOFF`].
+pub(crate) fn rejected_generation_backoff(streak: u32) -> Option<Duration> {
+    let exponent = streak.checked_sub(2)?.min(16);
+    Some(
+        REJECTED_GENERATION_BACKOFF
+            .saturating_mul(1 << exponent)
+            .min(MAX_FAILURE_BACKOFF),
+    )
+}
+
 /// Whether retrying the same token request later may succeed without a configuration change.
 pub(crate) fn is_transient(error: &Error) -> bool {
     match error.kind() {
@@ -81,6 +103,58 @@ mod tests {
         assert_eq!(pause, Duration::from_secs(7));
         let pause = pause_after(&status(503, Some(Duration::from_secs(100_000))), 1);
         assert_eq!(pause, MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn rejected_generations_back_off_from_the_second_one_exponentially() {
+        assert_eq!(rejected_generation_backoff(0), None);
+        assert_eq!(rejected_generation_backoff(1), None);
+        assert_eq!(
+            rejected_generation_backoff(2),
+            Some(REJECTED_GENERATION_BACKOFF)
+        );
+        assert_eq!(
+            rejected_generation_backoff(3),
+            Some(REJECTED_GENERATION_BACKOFF * 2)
+        );
+        assert_eq!(
+            rejected_generation_backoff(4),
+            Some(REJECTED_GENERATION_BACKOFF * 4)
+        );
+        assert_eq!(rejected_generation_backoff(40), Some(MAX_FAILURE_BACKOFF));
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_are_transient() {
+        for code in [500, 502, 503, 504, 429, 408] {
+            assert!(is_transient(&status(code, None)), "{code}");
+        }
+        for code in [300, 302, 404, 409, 418] {
+            assert!(!is_transient(&status(code, None)), "{code}");
+        }
+        for kind in [
+            ErrorKind::Transport,
+            ErrorKind::RefreshAborted,
+            ErrorKind::Timeout {
+                after: Duration::from_secs(1),
+            },
+            ErrorKind::ResponseTooLarge { limit: 1 },
+        ] {
+            assert!(is_transient(&Error::new(kind.clone())), "{kind:?}");
+        }
+        for kind in [
+            ErrorKind::NoTimeDriver,
+            ErrorKind::InvalidTokenResponse {
+                field: "access_token",
+                reason: "is missing",
+                content_type: None,
+            },
+            ErrorKind::UnsupportedTokenType {
+                token_type: "mac".into(),
+            },
+        ] {
+            assert!(!is_transient(&Error::new(kind.clone())), "{kind:?}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod snapshot;
 mod timing;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -31,18 +31,14 @@ use crate::secret::AccessToken;
 use crate::token::TokenFetcher;
 
 pub(crate) use backoff::is_transient;
+use backoff::rejected_generation_backoff;
 pub use backoff::{
     MAX_FAILURE_BACKOFF, MAX_RETRY_AFTER, MIN_FAILURE_BACKOFF, PERMANENT_FAILURE_PAUSE,
+    REJECTED_GENERATION_BACKOFF, REJECTED_GENERATION_WINDOW,
 };
 pub use refresh::RefreshReason;
 pub(crate) use refresh::RefreshWait;
 pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
-
-/// A 401 for a token requested less than this long ago is returned as it is, neither
-/// invalidated nor replayed: 1 s. A server that rejects fresh tokens would reject the next one
-/// too, and replaying would turn every request into a token request; older tokens (revoked,
-/// expired early) are the case the retry exists for.
-pub const MIN_TOKEN_AGE_FOR_401_RETRY: Duration = Duration::from_secs(1);
 
 /// What [`TokenCache::reject`] did with a 401.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,13 +47,14 @@ pub(crate) enum Rejection {
     Invalidated,
     /// A newer token is cached or on its way; replay.
     AlreadyReplaced,
-    /// The rejected token was issued moments ago; return the 401.
-    TooFresh,
+    /// Consecutive generations were rejected shortly after issue: the token stays until the
+    /// rejection backoff ([`REJECTED_GENERATION_BACKOFF`]) ends; the 401 is returned as it is.
+    Held,
 }
 
 impl Rejection {
     pub(crate) fn allows_replay(self) -> bool {
-        !matches!(self, Rejection::TooFresh)
+        !matches!(self, Rejection::Held)
     }
 }
 
@@ -86,15 +83,32 @@ pub(crate) struct CachedToken {
     pub(crate) granted_scope: Option<Arc<str>>,
 }
 
-struct State {
+/// Everything that changes when a token is installed, rejected or refreshed. Guarded by the
+/// cache's one mutex; the refresh part is the state machine of [`refresh::Refresh`].
+pub(crate) struct State {
     current: Option<CachedToken>,
-    in_flight: Option<refresh::InFlight>,
+    refresh: refresh::Refresh,
+    /// The generation of the newest token ever installed: only grows.
     last_generation: u64,
+    /// The error of the most recent failed flight, cleared by a success.
     last_error: Option<Error>,
-    /// After a failed token request, no new one is sent before this moment.
-    retry_not_before: Option<Instant>,
-    /// Identifies refreshes, so a late one cannot clear a newer one's in-flight slot.
+    /// Flights that ended without a token in a row (0 after a success).
+    consecutive_failures: u32,
+    /// Identifies flights, so that only the current one writes its outcome.
     last_flight_id: u64,
+    /// Consecutive rejected generations and the hold they caused ([`TokenCache::reject`]).
+    rejections: Rejections,
+}
+
+/// The 401 history that bounds a storm: which generation was rejected last, how many
+/// consecutive generations were rejected shortly after issue, and until when the current
+/// token is held (its 401s returned as they are) instead of being replaced.
+#[derive(Default)]
+struct Rejections {
+    /// `(generation, streak)` of the last rejected generation.
+    last: Option<(u64, u32)>,
+    /// `(generation, until)`: no 401-driven refresh of this generation before `until`.
+    hold: Option<(u64, Instant)>,
 }
 
 struct Shared {
@@ -103,13 +117,19 @@ struct Shared {
     published: Published,
     /// The highest generation whose refresh-ahead was claimed by a request.
     refresh_ahead_claimed: AtomicU64,
+    /// After a failed flight while a token is cached: nanoseconds after `epoch` from which the
+    /// refresh-ahead of the current generation may be claimed again ([`NEVER`]: not armed).
+    refresh_ahead_retry_at: AtomicU64,
+    /// The origin of `refresh_ahead_retry_at`.
+    epoch: Instant,
     state: Mutex<State>,
     fetcher: TokenFetcher,
-    min_token_age_for_401_retry: Duration,
     token_requests: AtomicU64,
     unauthorized_retries: AtomicU64,
-    consecutive_failures: AtomicU32,
 }
+
+/// `refresh_ahead_retry_at` when no retry is armed.
+const NEVER: u64 = u64::MAX;
 
 /// The token cache of one [`crate::OAuth2Layer`] and all services made from it. Cheap to clone
 /// (an `Arc`); clones share the token.
@@ -133,9 +153,10 @@ pub struct TokenCacheStatus {
     pub generation: u64,
     /// Token requests sent since the cache was created.
     pub token_requests: u64,
-    /// Token requests that failed in a row (0 after a success).
+    /// Refreshes that ended without a token in a row (0 after a success): failed token
+    /// requests, timeouts, and refreshes whose task or runtime went away.
     pub consecutive_failures: u32,
-    /// The error of the most recent failed token request, cleared by a success.
+    /// The error of the most recent refresh that ended without a token, cleared by a success.
     pub last_error: Option<Error>,
     /// Whether a token request is in flight now.
     pub refresh_in_flight: bool,
@@ -155,24 +176,25 @@ pub(crate) enum Lookup {
 }
 
 impl TokenCache {
-    pub(crate) fn new(fetcher: TokenFetcher, min_token_age_for_401_retry: Duration) -> Self {
+    pub(crate) fn new(fetcher: TokenFetcher) -> Self {
         Self {
             shared: Arc::new(Shared {
                 published: Published::new(),
                 refresh_ahead_claimed: AtomicU64::new(NO_TOKEN),
+                refresh_ahead_retry_at: AtomicU64::new(NEVER),
+                epoch: Instant::now(),
                 state: Mutex::new(State {
                     current: None,
-                    in_flight: None,
+                    refresh: refresh::Refresh::Idle,
                     last_generation: NO_TOKEN,
                     last_error: None,
-                    retry_not_before: None,
+                    consecutive_failures: 0,
                     last_flight_id: 0,
+                    rejections: Rejections::default(),
                 }),
                 fetcher,
-                min_token_age_for_401_retry,
                 token_requests: AtomicU64::new(0),
                 unauthorized_retries: AtomicU64::new(0),
-                consecutive_failures: AtomicU32::new(0),
             }),
         }
     }
@@ -229,31 +251,61 @@ impl TokenCache {
     }
 
     /// Handles a 401 about the token of `generation`, received at `now`:
-    /// - the cached token, at least the configured minimum age
-    ///   (default [`MIN_TOKEN_AGE_FOR_401_RETRY`]) old: invalidated, and the
-    ///   request may be replayed;
     /// - an older generation (a newer token is cached, or a refresh is under way): nothing to
-    ///   invalidate, and the request may be replayed with the newer token;
-    /// - the cached token, younger than that: left in place and not replayed. A server that
-    ///   rejects fresh tokens would reject the next one too; without this guard every request
-    ///   would cost a token request.
+    ///   invalidate; the request may be replayed with the newer token;
+    /// - the cached token, while it is held after consecutive rejected generations: left in
+    ///   place, and the 401 is returned as it is ([`Rejection::Held`]);
+    /// - the cached token otherwise: invalidated, and the request may be replayed. One
+    ///   rejection always may. If the previous generation was rejected too and this one was
+    ///   rejected within [`REJECTED_GENERATION_WINDOW`] of its request, the token is held
+    ///   instead for [`REJECTED_GENERATION_BACKOFF`], doubled per further rejected generation
+    ///   up to [`MAX_FAILURE_BACKOFF`]: a server that rejects every token costs at most one
+    ///   token request per backoff step, however many requests see 401s.
     pub(crate) fn reject(&self, generation: u64, now: Instant) -> Rejection {
         let mut state = self.lock();
-        match &state.current {
-            Some(current) if current.local.generation == generation => {
-                let age = now.saturating_duration_since(current.requested_at);
-                if age < self.shared.min_token_age_for_401_retry {
-                    tracing::debug!(
-                        generation,
-                        "401 for a token issued moments ago: not retried"
-                    );
-                    return Rejection::TooFresh;
+        let Some(current) = state
+            .current
+            .as_ref()
+            .filter(|current| current.local.generation == generation)
+        else {
+            return Rejection::AlreadyReplaced;
+        };
+        let age = now.saturating_duration_since(current.requested_at);
+        let rejections = &mut state.rejections;
+        if let Some((held, until)) = rejections.hold {
+            if held == generation {
+                if now < until {
+                    return Rejection::Held;
                 }
-                self.drop_current(&mut state, generation);
-                Rejection::Invalidated
+                // The hold is over: this 401 may cause the one token request of this step.
+                rejections.hold = None;
+                self.set_current(&mut state, None);
+                tracing::debug!(generation, "access token invalidated after a 401");
+                return Rejection::Invalidated;
             }
-            _ => Rejection::AlreadyReplaced,
         }
+        let streak = match rejections.last {
+            Some((last, streak))
+                if last.checked_add(1) == Some(generation) && age < REJECTED_GENERATION_WINDOW =>
+            {
+                streak.saturating_add(1)
+            }
+            _ => 1,
+        };
+        rejections.last = Some((generation, streak));
+        if let Some(backoff) = rejected_generation_backoff(streak) {
+            rejections.hold = Some((generation, timing::saturating_add(now, backoff)));
+            tracing::debug!(
+                generation,
+                rejected_in_a_row = streak,
+                retry_in_ms = backoff.as_millis() as u64,
+                "401 for consecutive fresh tokens: returned as it is until the backoff ends"
+            );
+            return Rejection::Held;
+        }
+        self.set_current(&mut state, None);
+        tracing::debug!(generation, "access token invalidated after a 401");
+        Rejection::Invalidated
     }
 
     /// Forgets the token of `generation` if it is still the cached one, so the next request
@@ -263,7 +315,8 @@ impl TokenCache {
         let mut state = self.lock();
         match &state.current {
             Some(current) if current.local.generation == generation => {
-                self.drop_current(&mut state, generation);
+                self.set_current(&mut state, None);
+                tracing::debug!(generation, "access token invalidated after a 401");
                 true
             }
             _ => false,
@@ -296,22 +349,21 @@ impl TokenCache {
             token_age: current.map(|token| now.saturating_duration_since(token.requested_at)),
             generation: current.map_or(NO_TOKEN, |token| token.local.generation),
             token_requests: self.token_requests(),
-            consecutive_failures: self.shared.consecutive_failures.load(Ordering::Relaxed),
+            consecutive_failures: state.consecutive_failures,
             last_error: state.last_error.clone(),
-            refresh_in_flight: state
-                .in_flight
-                .as_ref()
-                .is_some_and(refresh::InFlight::is_live),
+            refresh_in_flight: state.refresh.live_flight().is_some(),
             granted_scope: current
                 .and_then(|token| token.granted_scope.as_deref().map(str::to_owned)),
         }
     }
 
     /// The slow path: a copy of the cached token if it is valid at `now`, else a wait on the
-    /// one refresh (started here if none is in flight and no failure pause is running).
+    /// one refresh (joined, or started here unless a backoff or pause holds it back).
     ///
-    /// During a failure pause: a token that has not yet reached `expires_at` is still served;
-    /// without one, the last error comes back at once instead of a new token request.
+    /// During a backoff or pause: a token that has not yet reached `expires_at` is still
+    /// served; without one, the last error comes back at once instead of a new token request,
+    /// except after a refresh that ended without an outcome (its runtime went away): then the
+    /// caller waits out the backoff and starts the next refresh itself.
     pub(crate) fn lookup(&self, now: Instant) -> Result<Lookup, Error> {
         let mut state = self.lock();
         if let Some(current) = &state.current {
@@ -324,53 +376,39 @@ impl TokenCache {
                 return Ok(Lookup::Ready(local));
             }
         }
-        let paused = state.retry_not_before.is_some_and(|until| now < until);
-        let in_flight = state
-            .in_flight
-            .as_ref()
-            .is_some_and(refresh::InFlight::is_live);
-        if paused && !in_flight {
-            if let Some(current) = state
-                .current
-                .as_ref()
-                .filter(|token| now < token.expires_at)
-            {
-                return Ok(Lookup::Ready(current.local.clone()));
-            }
-            return Err(state
-                .last_error
-                .clone()
-                .unwrap_or_else(|| Error::new(crate::error::ErrorKind::RefreshAborted)));
-        }
-        let reason = if state.current.is_some() {
-            RefreshReason::Expired
-        } else if state.last_generation == NO_TOKEN {
-            RefreshReason::Initial
-        } else {
-            RefreshReason::AfterUnauthorized
-        };
-        refresh::join_or_start(self, &mut state, reason).map(Lookup::Wait)
+        refresh::lookup_slow(self, &mut state, now)
     }
 
     /// The current token if it has not reached `expires_at` (used when a refresh inside the
     /// margin fails: a still-valid token keeps being served).
     pub(crate) fn still_valid_token(&self, now: Instant) -> Option<LocalToken> {
-        let state = self.lock();
-        state
-            .current
-            .as_ref()
-            .filter(|token| now < token.expires_at)
-            .map(|token| token.local.clone())
+        still_valid(&self.lock(), now)
     }
 
     /// Starts a background refresh for the token of `generation` unless one was already
-    /// claimed for it (or a newer one). Never waits; lock-free after the first call per token.
+    /// claimed for it (or a newer one). After a failed refresh the claim comes back once the
+    /// backoff is over, so the next request after it tries again while the token is still
+    /// valid. Never waits; lock-free unless it starts a refresh.
     pub(crate) fn start_refresh_ahead(&self, generation: u64) {
-        let claimed = self
-            .shared
+        let shared = &self.shared;
+        if shared.refresh_ahead_claimed.load(Ordering::Acquire) >= generation {
+            // Claimed already: only a failed attempt's backoff running out re-arms it.
+            let retry_at = shared.refresh_ahead_retry_at.load(Ordering::Acquire);
+            if retry_at == NEVER || self.nanos_since_epoch(Instant::now()) < retry_at {
+                return;
+            }
+            if shared
+                .refresh_ahead_retry_at
+                .compare_exchange(retry_at, NEVER, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                return;
+            }
+        } else if shared
             .refresh_ahead_claimed
-            .fetch_max(generation, Ordering::AcqRel);
-        if claimed >= generation {
+            .fetch_max(generation, Ordering::AcqRel)
+            >= generation
+        {
             return;
         }
         let now = Instant::now();
@@ -379,22 +417,35 @@ impl TokenCache {
             .current
             .as_ref()
             .is_some_and(|token| token.local.generation == generation);
-        let paused = state.retry_not_before.is_some_and(|until| now < until);
-        if still_current && !paused {
-            // An error here (no runtime) is recorded in the status; the token stays usable.
-            if let Err(error) =
-                refresh::join_or_start(self, &mut state, RefreshReason::RefreshAhead)
-            {
+        if still_current {
+            // An error here (no runtime, no timer) is recorded in the status; the token stays
+            // usable.
+            if let Err(error) = refresh::start_in_background(self, &mut state, now) {
                 state.last_error = Some(error);
             }
         }
     }
 
-    /// Drops the cached token (of `generation`) so every service's next request misses.
-    fn drop_current(&self, state: &mut State, generation: u64) {
-        state.current = None;
+    /// Arms the next refresh-ahead attempt for `until` (a failed flight's backoff end).
+    fn rearm_refresh_ahead(&self, until: Instant) {
+        let at = self.nanos_since_epoch(until).min(NEVER - 1);
+        self.shared
+            .refresh_ahead_retry_at
+            .store(at, Ordering::Release);
+    }
+
+    /// Nanoseconds from the cache's creation to `at`, rounded up (so that `now`'s value at
+    /// least `at`'s means `now >= at`).
+    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.shared.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(NEVER - 1)
+    }
+
+    /// The one place where the current token changes: installed after a successful flight,
+    /// dropped after a rejection or an invalidation. Publishes it for the lock-free read path.
+    fn set_current(&self, state: &mut State, token: Option<CachedToken>) {
+        state.current = token;
         self.publish(state);
-        tracing::debug!(generation, "access token invalidated after a 401");
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -404,6 +455,15 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The current token of `state` if it has not reached `expires_at` at `now`.
+fn still_valid(state: &State, now: Instant) -> Option<LocalToken> {
+    state
+        .current
+        .as_ref()
+        .filter(|token| now < token.expires_at)
+        .map(|token| token.local.clone())
 }
 
 impl fmt::Debug for TokenCache {
@@ -432,10 +492,7 @@ mod tests {
             .allow_insecure_http(true)
             .build()
             .unwrap();
-        let cache = TokenCache::new(
-            TokenFetcher::with_default_transport(&config).unwrap(),
-            MIN_TOKEN_AGE_FOR_401_RETRY,
-        );
+        let cache = TokenCache::new(TokenFetcher::with_default_transport(&config).unwrap());
         let weak = Arc::downgrade(&cache.shared);
         match cache.lookup(Instant::now()) {
             Ok(Lookup::Wait(wait)) => assert!(wait.await.is_err()),

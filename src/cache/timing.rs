@@ -27,13 +27,20 @@ pub(crate) fn refresh_margin(lifetime: Duration) -> Duration {
     MAX_REFRESH_MARGIN.min(lifetime * REFRESH_MARGIN_PERCENT / 100)
 }
 
+/// About 30 years: what "later than anything representable" saturates to.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
+/// `at + offset`, saturating: a sum past what an `Instant` can hold becomes a moment about 30
+/// years ahead (or `at` itself on a platform where even that does not fit). Never panics.
+pub(crate) fn saturating_add(at: Instant, offset: Duration) -> Instant {
+    at.checked_add(offset)
+        .or_else(|| at.checked_add(FAR_FUTURE.min(offset)))
+        .unwrap_or(at)
+}
+
 pub(crate) fn schedule(requested_at: Instant, lifetime: Duration) -> Schedule {
     let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
-    let after = |offset: Duration| {
-        requested_at
-            .checked_add(offset)
-            .unwrap_or(requested_at + MAX_TOKEN_LIFETIME)
-    };
+    let after = |offset: Duration| saturating_add(requested_at, offset);
     let expires_at = after(lifetime);
     let refresh_at = after(lifetime - refresh_margin(lifetime));
     let jitter = (fastrand::f64() * 2.0 - 1.0) * f64::from(REFRESH_AHEAD_JITTER_PERCENT);
@@ -72,6 +79,17 @@ mod tests {
             assert_eq!(schedule.refresh_at - start, Duration::from_secs(90));
             assert_eq!(schedule.expires_at - start, Duration::from_secs(100));
         }
+    }
+
+    #[test]
+    fn instant_arithmetic_saturates() {
+        let now = Instant::now();
+        assert_eq!(
+            saturating_add(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = saturating_add(now, Duration::MAX);
+        assert!(far >= now + Duration::from_secs(365 * 24 * 60 * 60));
     }
 
     #[test]

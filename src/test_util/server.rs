@@ -1,8 +1,7 @@
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -83,6 +82,9 @@ impl NuvyServerBuilder {
                 granted_scope: None,
             }),
             token_requests: AtomicU64::new(0),
+            token_requests_in_flight: AtomicU64::new(0),
+            max_token_requests_in_flight: AtomicU64::new(0),
+            close_next_reused_token_connection: AtomicBool::new(false),
             tokens_issued: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
             api_unauthorized: AtomicU64::new(0),
@@ -96,9 +98,25 @@ impl NuvyServerBuilder {
                 };
                 let state = Arc::clone(&accept_state);
                 connections.spawn(async move {
-                    let service = service_fn(move |request| {
+                    // Requests served on this connection so far.
+                    let served = Arc::new(AtomicU64::new(0));
+                    let service = service_fn(move |request: Request<Incoming>| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(state.handle(request).await) }
+                        let reused = served.fetch_add(1, Ordering::SeqCst) > 0;
+                        async move {
+                            if reused
+                                && request.uri().path() == TOKEN_PATH
+                                && state
+                                    .close_next_reused_token_connection
+                                    .swap(false, Ordering::SeqCst)
+                            {
+                                state.token_requests.fetch_add(1, Ordering::SeqCst);
+                                // An error from the service makes hyper close the connection
+                                // without writing a response.
+                                return Err(std::io::Error::other("connection closed on reuse"));
+                            }
+                            Ok(state.handle(request).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -218,6 +236,9 @@ struct ServerState {
     client_secret: String,
     knobs: Mutex<Knobs>,
     token_requests: AtomicU64,
+    token_requests_in_flight: AtomicU64,
+    max_token_requests_in_flight: AtomicU64,
+    close_next_reused_token_connection: AtomicBool,
     tokens_issued: AtomicU64,
     api_requests: AtomicU64,
     api_unauthorized: AtomicU64,
@@ -279,6 +300,29 @@ impl NuvyServer {
     /// Requests received on the token endpoint, answered or not.
     pub fn token_requests(&self) -> u64 {
         self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most token requests the server was handling at the same time so far (received,
+    /// not yet answered or abandoned). A client that keeps a single flight never exceeds 1.
+    pub fn max_concurrent_token_requests(&self) -> u64 {
+        self.state
+            .max_token_requests_in_flight
+            .load(Ordering::SeqCst)
+    }
+
+    /// Token requests being handled now (received, not yet answered or abandoned).
+    pub fn token_requests_in_flight(&self) -> u64 {
+        self.state.token_requests_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Fault: the next token request that arrives on a connection that already served a
+    /// request (a pooled keep-alive connection) is read, counted in
+    /// [`token_requests`](Self::token_requests), and answered by closing the connection
+    /// without a response byte, as a server that dropped an idle connection does.
+    pub fn close_next_reused_token_connection(&self) {
+        self.state
+            .close_next_reused_token_connection
+            .store(true, Ordering::SeqCst);
     }
 
     /// Tokens issued.
@@ -411,6 +455,15 @@ fn redirect(uri: &http::Uri) -> ServerResponse {
     response
 }
 
+/// Counts a token request out of flight when its handling ends, answered or dropped.
+struct InFlightGuard<'a>(&'a AtomicU64);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn json_response(status: StatusCode, body: String) -> ServerResponse {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -454,6 +507,10 @@ impl ServerState {
 
     async fn token_endpoint(&self, parts: http::request::Parts, body: Bytes) -> ServerResponse {
         self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let in_flight = self.token_requests_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_token_requests_in_flight
+            .fetch_max(in_flight, Ordering::SeqCst);
+        let _in_flight = InFlightGuard(&self.token_requests_in_flight);
         let scripted = {
             let mut knobs = self.knobs();
             knobs.last_token_request = Some(RecordedRequest {

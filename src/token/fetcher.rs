@@ -105,20 +105,44 @@ impl TokenFetcher {
         })
     }
 
-    /// Sends one token request and parses the reply.
+    /// Sends one token request and parses the reply, all by `deadline` (the flight's start
+    /// plus the token request timeout). Nothing is sent once the deadline has passed.
+    ///
+    /// A request whose connection closes before any response byte arrives (a pooled
+    /// keep-alive connection the server had already closed) is sent once more: a token
+    /// request is safe to repeat, and the pool has dropped the dead connection by then. Both
+    /// sends count as one attempt.
     ///
     /// # Errors
-    /// [`ErrorKind::Timeout`] after the configured timeout; [`ErrorKind::Transport`];
+    /// [`ErrorKind::Timeout`] at the deadline; [`ErrorKind::Transport`];
     /// [`ErrorKind::ResponseTooLarge`]; and every error of the response parser.
-    pub(crate) async fn fetch(&self) -> Result<FetchedToken, Error> {
-        let requested_at = Instant::now();
+    pub(crate) async fn fetch(&self, deadline: Instant) -> Result<FetchedToken, Error> {
+        let timed_out = || {
+            Error::at_endpoint(
+                ErrorKind::Timeout {
+                    after: self.timeout,
+                },
+                &self.endpoint,
+                None,
+            )
+        };
+        if Instant::now() >= deadline {
+            return Err(timed_out());
+        }
+        let mut requested_at = Instant::now();
         let exchange = async {
-            let response = self
-                .transport
-                .clone()
-                .oneshot(self.template.build())
-                .await
-                .map_err(|error| self.transport_error(error))?;
+            let response = match self.send().await {
+                Err(error) if closed_before_response(&*error) => {
+                    tracing::debug!(
+                        "token request connection closed before any response byte; \
+                         sending it once more"
+                    );
+                    requested_at = Instant::now();
+                    self.send().await
+                }
+                sent => sent,
+            }
+            .map_err(|error| self.transport_error(error))?;
             let arrived = Instant::now();
             let (parts, body) = response.into_parts();
             let retry_after = retry_after_delay(&parts.headers, std::time::SystemTime::now());
@@ -145,17 +169,9 @@ impl TokenFetcher {
             let retry_after = retry_after.map(|delay| delay.saturating_sub(arrived.elapsed()));
             parse_token_response(parts.status, content_type, retry_after, &body)
         };
-        let grant = tokio::time::timeout(self.timeout, exchange)
+        let grant = tokio::time::timeout_at(deadline, exchange)
             .await
-            .map_err(|_| {
-                Error::at_endpoint(
-                    ErrorKind::Timeout {
-                        after: self.timeout,
-                    },
-                    &self.endpoint,
-                    None,
-                )
-            })??;
+            .map_err(|_| timed_out())??;
         let granted_scope = match grant.scope {
             Some(granted) => {
                 self.warn_if_scope_missing(&granted);
@@ -171,6 +187,36 @@ impl TokenFetcher {
             requested_at,
         })
     }
+
+    async fn send(&self) -> Result<Response<TokenTransportBody>, BoxError> {
+        self.transport.clone().oneshot(self.template.build()).await
+    }
+}
+
+/// Whether a transport error means the connection closed before any response byte: hyper's
+/// "connection closed before message completed" or "request canceled", or a reset, aborted or
+/// broken connection, anywhere in the error's source chain.
+fn closed_before_response(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
 }
 
 enum ReadError {

@@ -74,10 +74,10 @@ pub async fn status_of(api: Api, request: Request<Full<Bytes>>) -> Result<Status
     Ok(response.status())
 }
 
-/// Lets the cached token age past the fresh-token guard, then revokes every token on the
-/// server: the next API call meets a 401 that warrants one refresh and one replay.
+/// Lets the cached token age past `REJECTED_GENERATION_WINDOW`, then revokes every token on
+/// the server: the next API call meets a lone 401 that warrants one refresh and one replay.
 pub async fn age_and_revoke_tokens(server: &NuvyServer) {
-    tokio::time::advance(nuvy_oauth2::MIN_TOKEN_AGE_FOR_401_RETRY).await;
+    tokio::time::advance(nuvy_oauth2::REJECTED_GENERATION_WINDOW).await;
     server.revoke_all_tokens();
 }
 
