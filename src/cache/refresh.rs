@@ -307,11 +307,17 @@ fn start(
         async move {
             // A flight that was given up before its task ran sends nothing.
             let outcome = if is_current(&task_cache, id) {
-                task_cache
-                    .shared
-                    .token_requests
-                    .fetch_add(1, Ordering::Relaxed);
-                let result = task_cache.shared.fetcher.fetch(fetch_deadline).await;
+                let fetcher = &task_cache.shared.fetcher;
+                // A task that starts past its deadline (its runtime was stalled) sends nothing.
+                let result = if Instant::now() < fetch_deadline {
+                    task_cache
+                        .shared
+                        .token_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                    fetcher.fetch(fetch_deadline).await
+                } else {
+                    Err(fetcher.timeout_error())
+                };
                 complete(&task_cache, id, result, now)
             } else {
                 Outcome::Superseded

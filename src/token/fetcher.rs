@@ -117,15 +117,7 @@ impl TokenFetcher {
     /// [`ErrorKind::Timeout`] at the deadline; [`ErrorKind::Transport`];
     /// [`ErrorKind::ResponseTooLarge`]; and every error of the response parser.
     pub(crate) async fn fetch(&self, deadline: Instant) -> Result<FetchedToken, Error> {
-        let timed_out = || {
-            Error::at_endpoint(
-                ErrorKind::Timeout {
-                    after: self.timeout,
-                },
-                &self.endpoint,
-                None,
-            )
-        };
+        let timed_out = || self.timeout_error();
         if Instant::now() >= deadline {
             return Err(timed_out());
         }
@@ -186,6 +178,17 @@ impl TokenFetcher {
             lifetime: grant.lifetime,
             requested_at,
         })
+    }
+
+    /// The error of a token request that missed its deadline.
+    pub(crate) fn timeout_error(&self) -> Error {
+        Error::at_endpoint(
+            ErrorKind::Timeout {
+                after: self.timeout,
+            },
+            &self.endpoint,
+            None,
+        )
     }
 
     async fn send(&self) -> Result<Response<TokenTransportBody>, BoxError> {
