@@ -1,4 +1,5 @@
-//! The variants every warm-path benchmark compares, all over the same trivial inner service.
+//! What the token-endpoint benchmarks share: the trivial inner service and the loopback setup.
+//! (The warm-path benchmarks live in the workspace member benches/warm-path.)
 #![allow(dead_code)]
 
 // The embedded server, compiled in by path (see tests/common/mod.rs for why).
@@ -9,21 +10,12 @@ pub mod test_util;
 pub use test_util::NuvyServer;
 
 use std::convert::Infallible;
-use std::fmt::Debug;
-use std::future::{ready, Future, Ready};
-use std::pin::pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::future::{ready, Ready};
+use std::task::{Context, Poll};
 
-use http::header::AUTHORIZATION;
-use http::{HeaderValue, Request, Response};
-use nuvy_oauth2::{
-    ClientCredentials, OAuth2Config, OAuth2ConfigBuilder, OAuth2Layer, OAuth2RetryService,
-    OAuth2Service,
-};
-use tower::{Layer, Service, ServiceExt};
-use tower_http::set_header::{SetRequestHeader, SetRequestHeaderLayer};
+use http::{Request, Response};
+use nuvy_oauth2::{ClientCredentials, OAuth2Config, OAuth2ConfigBuilder};
+use tower::Service;
 
 pub type Req = Request<()>;
 pub type Res = Response<()>;
@@ -48,92 +40,6 @@ impl Service<Req> for Trivial {
     }
 }
 
-/// Go x/oauth2's approach: a mutex around the token, checked on every call.
-#[derive(Clone)]
-pub struct MutexCache<S> {
-    inner: S,
-    token: Arc<Mutex<Option<(HeaderValue, Instant)>>>,
-}
-
-impl<S: Service<Req>> Service<Req> for MutexCache<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Req) -> S::Future {
-        let header = {
-            let guard = self.token.lock().unwrap();
-            match &*guard {
-                Some((value, expires_at)) if Instant::now() < *expires_at => value.clone(),
-                _ => unreachable!("the benchmark keeps the token valid"),
-            }
-        };
-        request.headers_mut().insert(AUTHORIZATION, header);
-        self.inner.call(request)
-    }
-}
-
-/// A header value the size of a Nuvy JWT, for the baselines.
-pub fn bearer_like_ours(server_token: &str) -> HeaderValue {
-    let mut value = HeaderValue::from_str(&format!("Bearer {server_token}")).unwrap();
-    value.set_sensitive(true);
-    value
-}
-
-/// Every variant, warm.
-pub struct Variants {
-    pub server: NuvyServer,
-    pub layer: OAuth2Layer,
-    pub bare: Trivial,
-    pub static_header: SetRequestHeader<Trivial, HeaderValue>,
-    pub mutex_cache: MutexCache<Trivial>,
-    pub ours: OAuth2Service<Trivial>,
-    pub ours_with_retry: OAuth2RetryService<Trivial>,
-}
-
-impl Variants {
-    /// Starts the embedded server and warms our cache with a real token request.
-    pub async fn warm() -> Self {
-        let server = NuvyServer::start().await.unwrap();
-        let layer = OAuth2Layer::new(loopback_config(&server).build().unwrap()).unwrap();
-        let mut ours = layer.layer(Trivial);
-        let mut ours_with_retry = layer.clone().with_retry().layer(Trivial);
-        ours.ready().await.unwrap().call(request()).await.unwrap();
-        ours_with_retry
-            .ready()
-            .await
-            .unwrap()
-            .call(request())
-            .await
-            .unwrap();
-        let token = layer.token_cache().access_token().unwrap();
-        let header = bearer_like_ours(token.expose_secret());
-        let static_header =
-            SetRequestHeaderLayer::overriding(AUTHORIZATION, header.clone()).layer(Trivial);
-        let mutex_cache = MutexCache {
-            inner: Trivial,
-            token: Arc::new(Mutex::new(Some((
-                header,
-                Instant::now() + Duration::from_secs(3600),
-            )))),
-        };
-        assert_eq!(server.token_requests(), 1);
-        Self {
-            server,
-            layer,
-            bare: Trivial,
-            static_header,
-            mutex_cache,
-            ours,
-            ours_with_retry,
-        }
-    }
-}
-
 /// A configuration for the embedded server (plain http on loopback allowed).
 pub fn loopback_config(server: &NuvyServer) -> OAuth2ConfigBuilder {
     OAuth2Config::builder(ClientCredentials::new(
@@ -149,24 +55,4 @@ pub fn request() -> Req {
     let mut request = Request::new(());
     *request.uri_mut() = http::Uri::from_static(API_URL);
     request
-}
-
-/// Calls a service whose readiness and response are immediate, without a runtime's overhead.
-#[inline]
-pub fn call_now<S>(service: &mut S, request: Req) -> S::Response
-where
-    S: Service<Req>,
-    S::Error: Debug,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        other => panic!("not ready: {:?}", other.map(|_| ())),
-    }
-    let mut future = pin!(service.call(request));
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(Ok(response)) => response,
-        Poll::Ready(Err(error)) => panic!("{error:?}"),
-        Poll::Pending => panic!("warm path must not wait"),
-    }
 }
