@@ -10,6 +10,8 @@
 //! - however many requests arrive at once, at most one token request is in flight;
 //! - a 401 from the API invalidates exactly the token it rejected, and
 //!   [`RetryOnUnauthorized`] (a `tower::retry::Policy`) sends the request once more;
+//! - the token goes only to allowed origins (by default the token endpoint's; RFC 6750 §5.3),
+//!   whatever layers sit around the auth layer;
 //! - secrets never appear in `Debug`, errors or logs, and the injected header is sensitive.
 //!
 //! # Example

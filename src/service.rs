@@ -28,7 +28,10 @@ use crate::future::ResponseFuture;
 ///   (`err.downcast_ref::<nuvy_oauth2::Error>()`); the inner service's errors pass through
 ///   unchanged in the box. A request whose URI says `http://` without
 ///   [`allow_insecure_http`](crate::OAuth2ConfigBuilder::allow_insecure_http) fails with
-///   [`ErrorKind::InsecureScheme`] before anything is sent.
+///   [`ErrorKind::InsecureScheme`] before anything is sent; so does a request for an absolute
+///   URL whose origin is not allowed ([`ErrorKind::OriginNotAllowed`]; RFC 6750 §5.3, see
+///   [`allow_origin`](crate::OAuth2ConfigBuilder::allow_origin)), whatever layer made it
+///   (a redirect followed outside this service, say).
 /// - A 401 about the token (no `WWW-Authenticate`, or a `Bearer` challenge with
 ///   `error="invalid_token"` or no error) invalidates the token it was answered for, whether or
 ///   not the request is replayed, and carries [`UsedTokenGeneration`] in its extensions for
