@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use http::uri::Scheme;
 use http::Uri;
 
 use crate::error::{Error, ErrorKind};
@@ -19,6 +20,10 @@ struct Origin {
     https: bool,
     host: Box<str>,
     port: u16,
+    /// The authorities that name this origin as URIs usually write it, precomputed for the
+    /// fast path: `host:port`, and `host` alone when the port is the scheme's default.
+    authority_with_port: Box<str>,
+    authority_without_port: Option<Box<str>>,
 }
 
 impl Origin {
@@ -88,6 +93,28 @@ impl AllowedOrigins {
     /// userinfo, never the token).
     #[inline]
     pub(crate) fn check(&self, uri: &Uri) -> Result<(), Error> {
+        // Fast path: the scheme (parsed case-insensitively by `http`) and the authority text as
+        // written, compared with the precomputed forms. Only accepts; anything else (userinfo,
+        // other case, no match) goes through the full comparison below.
+        if let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) {
+            let https = *scheme == Scheme::HTTPS;
+            if https || *scheme == Scheme::HTTP {
+                let authority = authority.as_str();
+                let named = self.origins.iter().any(|origin| {
+                    origin.https == https
+                        && (*origin.authority_with_port == *authority
+                            || origin.authority_without_port.as_deref() == Some(authority))
+                });
+                if named {
+                    return Ok(());
+                }
+            }
+        }
+        self.check_parsed(uri)
+    }
+
+    /// The full comparison: scheme, host and port parsed out of the URI.
+    fn check_parsed(&self, uri: &Uri) -> Result<(), Error> {
         let Some(scheme) = uri.scheme_str() else {
             return match uri.authority() {
                 None => Ok(()),
@@ -142,11 +169,18 @@ fn origin_of(uri: &Uri) -> Option<Origin> {
     } else {
         return None;
     };
-    let host = uri.host().filter(|host| !host.is_empty())?;
+    let host = uri
+        .host()
+        .filter(|host| !host.is_empty())?
+        .to_ascii_lowercase();
+    let default_port = if https { 443 } else { 80 };
+    let port = uri.port_u16().unwrap_or(default_port);
     Some(Origin {
         https,
-        host: host.to_ascii_lowercase().into_boxed_str(),
-        port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        authority_with_port: format!("{host}:{port}").into_boxed_str(),
+        authority_without_port: (port == default_port).then(|| host.clone().into_boxed_str()),
+        host: host.into_boxed_str(),
+        port,
     })
 }
 
@@ -213,6 +247,8 @@ mod tests {
             let parsed: Uri = uri.parse().unwrap();
             let result = allowed.check(&parsed);
             assert_eq!(result.is_ok(), *expected, "{uri}");
+            // The fast path only ever agrees with the full comparison.
+            assert_eq!(allowed.check_parsed(&parsed).is_ok(), *expected, "{uri}");
             if let Err(error) = result {
                 let ErrorKind::OriginNotAllowed { origin } = error.kind() else {
                     panic!("{uri}: {error:?}");
