@@ -77,8 +77,10 @@ async fn main() -> ExitCode {
 async fn run() -> Result<bool, BoxError> {
     let target = target_from_args().await?;
     let auth = OAuth2Layer::new(target.config.clone())?;
+    // An explicit provider: `with_webpki_roots()` would panic if rustls had two compiled in
+    // (this crate's `aws-lc-rs` feature next to the dev-dependencies' ring).
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_provider_and_webpki_roots(nuvy_oauth2::rustls::crypto::ring::default_provider())?
         .https_or_http()
         .enable_http1()
         .build();

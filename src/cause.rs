@@ -29,21 +29,33 @@ pub(crate) fn endpoint_for_display(uri: &Uri) -> String {
 /// replaced, cut to [`crate::MAX_SERVER_TEXT_CHARS`]).
 pub(crate) fn short_cause(error: &(dyn StdError + 'static)) -> String {
     let mut in_dns = false;
+    let mut in_tunnel = false;
     let mut innermost = error;
     let mut current = Some(error);
     while let Some(error) = current {
-        // hyper-util's connector labels a failed lookup "dns error" (its `ConnectError`).
-        in_dns |= error.to_string() == "dns error";
+        let text = error.to_string();
+        // hyper-util's connector labels a failed lookup "dns error" (its `ConnectError`), and
+        // its proxy tunnel's errors "tunnel error: …" (`TunnelError`).
+        in_dns |= text == "dns error";
+        in_tunnel |= text.starts_with(TUNNEL_ERROR);
         innermost = error;
         current = error.source();
     }
     let text = describe(innermost);
+    let text = match text.strip_prefix(TUNNEL_ERROR) {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    };
     if in_dns && !text.starts_with("dns error") {
         format!("dns error: {text}")
+    } else if in_tunnel {
+        format!("proxy CONNECT failed: {text}")
     } else {
         text
     }
 }
+
+const TUNNEL_ERROR: &str = "tunnel error: ";
 
 fn describe(error: &(dyn StdError + 'static)) -> String {
     if let Some(io) = error.downcast_ref::<io::Error>() {
@@ -180,6 +192,19 @@ mod tests {
             )),
         );
         assert_eq!(short_cause(&tls), "invalid peer certificate: UnknownIssuer");
+        let proxy = Labelled(
+            "tunnel error: failed to create underlying connection",
+            Some(io::Error::from(io::ErrorKind::ConnectionRefused)),
+        );
+        assert_eq!(
+            short_cause(&proxy),
+            "proxy CONNECT failed: connection refused"
+        );
+        let proxy = Labelled("tunnel error: proxy authorization required", None);
+        assert_eq!(
+            short_cause(&proxy),
+            "proxy CONNECT failed: proxy authorization required"
+        );
         let forged = Labelled("line one\nline two", None);
         assert_eq!(short_cause(&forged), "line one\u{FFFD}line two");
     }

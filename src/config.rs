@@ -23,6 +23,7 @@ use http::Uri;
 use crate::error::{Error, ErrorKind};
 use crate::origin::AllowedOrigins;
 use crate::secret::ClientSecret;
+use crate::transport::TransportOptions;
 
 /// Environment variable holding the `client_id` (the Nuvy authentication documentation: "Store credentials in environment
 /// variables or a secrets manager").
@@ -334,6 +335,8 @@ pub struct OAuth2Config {
     pub(crate) allowed_origins: AllowedOrigins,
     pub(crate) token_request_timeout: Duration,
     pub(crate) max_token_response_bytes: usize,
+    /// TLS and proxy options of the built-in token transport (src/transport/).
+    pub(crate) transport: TransportOptions,
 }
 
 impl OAuth2Config {
@@ -353,6 +356,7 @@ impl OAuth2Config {
             allowed_origins: Vec::new(),
             token_request_timeout: DEFAULT_TOKEN_REQUEST_TIMEOUT,
             max_token_response_bytes: DEFAULT_MAX_TOKEN_RESPONSE_BYTES,
+            transport: TransportOptions::default(),
         }
     }
 
@@ -465,6 +469,7 @@ impl fmt::Debug for OAuth2Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("token_request_timeout", &self.token_request_timeout)
             .field("max_token_response_bytes", &self.max_token_response_bytes)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -495,6 +500,7 @@ impl fmt::Debug for OAuth2ConfigBuilder {
             .field("allowed_origins", &origins)
             .field("token_request_timeout", &self.token_request_timeout)
             .field("max_token_response_bytes", &self.max_token_response_bytes)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -515,6 +521,8 @@ pub struct OAuth2ConfigBuilder {
     allowed_origins: Vec<String>,
     token_request_timeout: Duration,
     max_token_response_bytes: usize,
+    /// TLS and proxy options (methods in src/transport/options.rs).
+    pub(crate) transport: TransportOptions,
 }
 
 impl OAuth2ConfigBuilder {
@@ -644,6 +652,7 @@ impl OAuth2ConfigBuilder {
     ///   [`allow_insecure_http`](Self::allow_insecure_http).
     pub fn build(self) -> Result<OAuth2Config, Error> {
         let invalid = |what: &str| Err(Error::new(ErrorKind::InvalidConfig(what.to_owned())));
+        self.transport.check()?;
         let credentials = &self.credentials;
         check_credential(&credentials.client_id, credentials.client_id_origin)?;
         check_credential(
@@ -791,6 +800,7 @@ impl OAuth2ConfigBuilder {
             allowed_origins,
             token_request_timeout: self.token_request_timeout,
             max_token_response_bytes: self.max_token_response_bytes,
+            transport: self.transport,
         })
     }
 }

@@ -201,6 +201,7 @@ impl Error {
         }
     }
 
+    #[allow(dead_code)] // no caller since transport errors carry their endpoint (at_endpoint)
     pub(crate) fn with_source(kind: ErrorKind, source: Box<dyn StdError + Send + Sync>) -> Self {
         Self {
             inner: Arc::new(Inner {

@@ -79,6 +79,7 @@ mod retry;
 mod secret;
 mod service;
 mod token;
+mod transport;
 
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -104,6 +105,10 @@ pub use retry::{ReplayableBody, RetryOnUnauthorized};
 pub use secret::{AccessToken, ClientSecret};
 pub use service::{OAuth2Service, UsedTokenGeneration};
 pub use token::{TokenTransportBody, TokenTransportRequest};
+
+/// The rustls version this crate builds on, for
+/// [`OAuth2ConfigBuilder::tls_client_config`] (a `rustls::ClientConfig` of the same version).
+pub use rustls;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -11,8 +11,6 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
@@ -60,24 +58,10 @@ pub(crate) struct TokenFetcher {
 }
 
 impl TokenFetcher {
-    /// Over hyper-util's client with rustls and the webpki roots. HTTPS only unless the
-    /// configuration allows plain http. Redirects are never followed (hyper never does).
+    /// Over the built-in transport (src/transport/): hyper-util's client with rustls, the
+    /// configuration's TLS and proxy options. Redirects are never followed.
     pub(crate) fn with_default_transport(config: &OAuth2Config) -> Result<Self, Error> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|error| {
-                Error::with_source(
-                    ErrorKind::InvalidConfig("TLS setup failed".to_owned()),
-                    Box::new(error),
-                )
-            })?;
-        let connector = if config.allow_insecure_http {
-            builder.https_or_http().enable_http1().build()
-        } else {
-            builder.https_only().enable_http1().build()
-        };
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-        Self::with_transport(config, client)
+        Self::with_transport(config, crate::transport::default_transport(config)?)
     }
 
     /// Over any tower service that sends an HTTP request and returns the response.

@@ -15,6 +15,9 @@ pub mod test_util;
 /// A private CA and a TLS front for the embedded server (HTTPS on loopback).
 pub mod tls;
 
+/// An HTTP CONNECT proxy on loopback that records what it was asked.
+pub mod proxy;
+
 pub use test_util::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};
 
 use std::time::Duration;

@@ -13,6 +13,9 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
+/// A host name that resolves nowhere: only a proxy (see `common::proxy`) can reach it.
+pub const PROXIED_HOST: &str = "auth.nuvy.test";
+
 /// A certificate authority that exists only in this test process.
 pub struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -45,11 +48,12 @@ impl TestCa {
         self.issuer.der().clone()
     }
 
-    /// A server configuration whose certificate (for `localhost` and 127.0.0.1) this CA signed.
+    /// A server configuration whose certificate (for `localhost`, 127.0.0.1 and
+    /// [`PROXIED_HOST`]) this CA signed.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         let key = KeyPair::generate().expect("server key");
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("server params");
+        let names = ["localhost", "127.0.0.1", PROXIED_HOST].map(str::to_owned);
+        let params = CertificateParams::new(names.to_vec()).expect("server params");
         let cert = params.signed_by(&key, &self.issuer).expect("server cert");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ServerConfig::builder_with_provider(provider)
@@ -90,6 +94,10 @@ impl TlsFront {
             }
         });
         Self { addr, task }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn port(&self) -> u16 {
