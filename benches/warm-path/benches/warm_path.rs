@@ -167,6 +167,7 @@ impl Setup {
         ))
         .token_endpoint(server.token_endpoint())
         .allow_insecure_http(true)
+        .allow_origin(API_URL) // the token may go to the origin of request()
         .build()
         .unwrap();
         let layer = OAuth2Layer::new(config).unwrap();
