@@ -138,8 +138,9 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     }
     // The same again with MARKER in every secret-bearing place: the secret, the token
     // endpoint's userinfo and query, an extra parameter (an RFC 7523 client_assertion), an
-    // allowed origin's userinfo and query, and a request URL's userinfo. Every token request
-    // and API request is printed with `Debug` on its way out, as a careless user might.
+    // allowed origin's userinfo and query, the proxy's credentials, and a request URL's
+    // userinfo. Every token request and API request is printed with `Debug` on its way out,
+    // as a careless user might.
     let marked_builder = OAuth2Config::builder(ClientCredentials::new(server.client_id(), MARKER))
         .token_endpoint(format!(
             "http://user:{MARKER}@{}/oauth2/token?key={MARKER}",
@@ -148,6 +149,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         .allow_insecure_http(true)
         .extra_parameter("client_assertion", MARKER)
         .allow_origin(format!("http://user:{MARKER}@127.0.0.2:1/?{MARKER}"))
+        .proxy(format!("http://user:{MARKER}@127.0.0.4:3128"))
         .scope("read");
     print(format!("{marked_builder:?}"));
     // Userinfo in the token endpoint is refused (RFC 9110 §4.2.4): transports log authorities.
@@ -165,6 +167,11 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     let marked_config = marked_builder.clone().build().unwrap();
     print(format!("{marked_config:?}"));
     print(format!("{:?}", marked_config.credentials()));
+    // The built-in transport (TLS, proxy) as configured.
+    print(format!(
+        "{:?}",
+        OAuth2Layer::new(marked_config.clone()).unwrap()
+    ));
     let requests_seen = Arc::new(Mutex::new(String::new()));
     let seen = Arc::clone(&requests_seen);
     let transport =
