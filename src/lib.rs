@@ -78,6 +78,7 @@ mod origin;
 mod retry;
 mod secret;
 mod service;
+mod telemetry;
 mod token;
 mod transport;
 
@@ -104,6 +105,10 @@ pub use layer::{OAuth2Layer, OAuth2RetryLayer, OAuth2RetryService};
 pub use retry::{ReplayableBody, RetryOnUnauthorized};
 pub use secret::{AccessToken, ClientSecret};
 pub use service::{OAuth2Service, UsedTokenGeneration};
+pub use telemetry::{
+    METRIC_TOKEN_REMAINING_LIFETIME, METRIC_TOKEN_REQUESTS, METRIC_TOKEN_REQUEST_DURATION,
+    METRIC_UNAUTHORIZED_REPLAYS,
+};
 pub use token::{TokenTransportBody, TokenTransportRequest};
 
 /// The rustls version this crate builds on, for

@@ -251,7 +251,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         logs.contains("access token obtained"),
         "tracing is on: {logs}"
     );
-    for reason in ["initial", "after-401", "refresh-ahead", "expired"] {
+    for reason in ["initial", "rejected", "refresh-ahead", "expired"] {
         assert!(
             logs.contains(&format!("reason=\"{reason}\"")),
             "no token request traced with reason {reason}: {logs}"

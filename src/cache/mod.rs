@@ -98,6 +98,9 @@ pub(crate) struct State {
     last_flight_id: u64,
     /// Consecutive rejected generations and the hold they caused ([`TokenCache::reject`]).
     rejections: Rejections,
+    /// The cached token was dropped by [`TokenCache::invalidate`] (logged as the reason of the
+    /// next token request); cleared by a success.
+    invalidated_by_user: bool,
 }
 
 /// The 401 history that bounds a storm: which generation was rejected last, how many
@@ -191,6 +194,7 @@ impl TokenCache {
                     consecutive_failures: 0,
                     last_flight_id: 0,
                     rejections: Rejections::default(),
+                    invalidated_by_user: false,
                 }),
                 fetcher,
                 token_requests: AtomicU64::new(0),
@@ -248,6 +252,7 @@ impl TokenCache {
         self.shared
             .unauthorized_retries
             .fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::unauthorized_replay(self.shared.fetcher.labels());
     }
 
     /// Handles a 401 about the token of `generation`, received at `now`:
@@ -316,7 +321,8 @@ impl TokenCache {
         match &state.current {
             Some(current) if current.local.generation == generation => {
                 self.set_current(&mut state, None);
-                tracing::debug!(generation, "access token invalidated after a 401");
+                state.invalidated_by_user = true;
+                tracing::debug!(generation, "access token invalidated by the user");
                 true
             }
             _ => false,
@@ -341,6 +347,10 @@ impl TokenCache {
         let now = Instant::now();
         let state = self.lock();
         let current = state.current.as_ref();
+        crate::telemetry::remaining_lifetime(
+            self.shared.fetcher.labels(),
+            current.map(|token| token.expires_at.saturating_duration_since(now)),
+        );
         TokenCacheStatus {
             token_valid_for: current
                 .map(|token| token.local.refresh_at.saturating_duration_since(now))

@@ -51,15 +51,20 @@ pub enum RefreshReason {
     RefreshAhead,
     /// The API answered 401 for the cached token.
     AfterUnauthorized,
+    /// The application dropped the cached token with [`TokenCache::invalidate`].
+    Invalidated,
 }
 
 impl RefreshReason {
-    fn as_str(self) -> &'static str {
+    /// How logs and metrics name the reason: `initial`, `expired`, `refresh-ahead`,
+    /// `rejected` (after a 401), `invalidated by the user`.
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RefreshReason::Initial => "initial",
             RefreshReason::Expired => "expired",
             RefreshReason::RefreshAhead => "refresh-ahead",
-            RefreshReason::AfterUnauthorized => "after-401",
+            RefreshReason::AfterUnauthorized => "rejected",
+            RefreshReason::Invalidated => "invalidated by the user",
         }
     }
 }
@@ -94,6 +99,14 @@ impl Refresh {
         }
     }
 
+    /// Why the flight in flight was started (`Initial` outside a flight: never asked then).
+    fn reason(&self) -> RefreshReason {
+        match self {
+            Refresh::InFlight(flight) => flight.reason,
+            _ => RefreshReason::Initial,
+        }
+    }
+
     fn is_flight(&self, id: u64) -> bool {
         matches!(self, Refresh::InFlight(flight) if flight.id == id)
     }
@@ -112,6 +125,8 @@ pub(crate) struct Flight {
     id: u64,
     /// When the flight started: its deadlines count from here.
     started: Instant,
+    /// Why it was started (logs and metrics).
+    reason: RefreshReason,
     outcome: watch::Receiver<Outcome>,
 }
 
@@ -247,6 +262,8 @@ fn next(cache: &TokenCache, state: &mut State, now: Instant) -> Next {
         RefreshReason::Expired
     } else if state.last_generation == NO_TOKEN {
         RefreshReason::Initial
+    } else if state.invalidated_by_user {
+        RefreshReason::Invalidated
     } else {
         RefreshReason::AfterUnauthorized
     };
@@ -298,11 +315,12 @@ fn start(
     state.refresh = Refresh::InFlight(Flight {
         id,
         started: now,
+        reason,
         outcome: receiver.clone(),
     });
     let fetch_deadline = saturating_add(now, cache.shared.fetcher.timeout());
     let task_cache = cache.clone();
-    let span = tracing::debug_span!("oauth2_token_request", reason = reason.as_str());
+    let span = crate::telemetry::token_request_span();
     runtime.spawn(
         async move {
             // A flight that was given up before its task ran sends nothing.
@@ -378,7 +396,9 @@ fn succeed(
     fetched: FetchedToken,
     started: Instant,
 ) -> LocalToken {
+    let reason = state.refresh.reason();
     state.refresh = Refresh::Idle;
+    state.invalidated_by_user = false;
     state.last_generation += 1;
     let generation = state.last_generation;
     let schedule = schedule(fetched.requested_at, fetched.lifetime);
@@ -404,12 +424,18 @@ fn succeed(
         .shared
         .refresh_ahead_retry_at
         .store(NEVER, Ordering::Release);
-    tracing::debug!(
-        outcome = "success",
-        generation,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        lifetime_secs = fetched.lifetime.as_secs(),
-        "access token obtained"
+    crate::telemetry::token_obtained(
+        cache.shared.fetcher.labels(),
+        &crate::telemetry::Obtained {
+            reason,
+            generation,
+            granted_scope: state
+                .current
+                .as_ref()
+                .and_then(|token| token.granted_scope.as_deref()),
+            elapsed: started.elapsed(),
+            lifetime: fetched.lifetime,
+        },
     );
     local
 }
@@ -427,11 +453,13 @@ fn fail(
     if !state.refresh.is_flight(id) {
         return false;
     }
+    let reason = state.refresh.reason();
     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
     let failures = state.consecutive_failures;
     let pause = pause_after(&error, failures);
     let until = saturating_add(now, pause);
-    state.refresh = if is_transient(&error) {
+    let transient = is_transient(&error);
+    state.refresh = if transient {
         Refresh::BackingOff { until }
     } else {
         Refresh::Paused { until }
@@ -440,13 +468,16 @@ fn fail(
         // The token is still cached: refresh-ahead tries again once the backoff is over.
         cache.rearm_refresh_ahead(until);
     }
-    tracing::warn!(
-        outcome = "failure",
-        elapsed_ms = now.saturating_duration_since(started).as_millis() as u64,
-        consecutive_failures = failures,
-        retry_in_ms = pause.as_millis() as u64,
-        error = %error,
-        "token request failed"
+    crate::telemetry::token_request_failed(
+        cache.shared.fetcher.labels(),
+        &crate::telemetry::Failed {
+            reason,
+            error: &error,
+            transient,
+            elapsed: now.saturating_duration_since(started),
+            consecutive_failures: failures,
+            retry_in: pause,
+        },
     );
     state.last_error = Some(error);
     true

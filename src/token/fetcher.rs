@@ -50,6 +50,8 @@ pub(crate) struct TokenFetcher {
     max_body_bytes: usize,
     /// The `scope` requested, if any.
     requested_scope: Option<Arc<str>>,
+    /// Endpoint host, client_id and requested scope for logs and metrics.
+    labels: Arc<crate::telemetry::Labels>,
     /// The origins the token obtained here may be sent to (kept here because the fetcher is
     /// the one part of the configuration every service reaches through its cache).
     allowed_origins: Arc<AllowedOrigins>,
@@ -85,6 +87,11 @@ impl TokenFetcher {
             max_body_bytes: config.max_token_response_bytes,
             allowed_origins: Arc::new(config.allowed_origins.clone()),
             requested_scope: config.scope.as_deref().map(Arc::from),
+            labels: Arc::new(crate::telemetry::Labels::new(
+                &config.token_endpoint,
+                config.credentials.client_id(),
+                config.scope.as_deref(),
+            )),
             endpoint: crate::cause::endpoint_for_display(&config.token_endpoint).into(),
         })
     }
@@ -235,6 +242,11 @@ impl TokenFetcher {
     /// A transport error of a token request to this fetcher's endpoint.
     fn transport_error(&self, error: BoxError) -> Error {
         Error::at_endpoint(ErrorKind::Transport, &self.endpoint, Some(error))
+    }
+
+    /// What identifies this fetcher's token traffic in logs and metrics.
+    pub(crate) fn labels(&self) -> &crate::telemetry::Labels {
+        &self.labels
     }
 
     /// The timeout of one token request.
