@@ -54,6 +54,8 @@ use crate::token::{TokenFetcher, TokenTransportRequest};
 pub struct OAuth2Layer {
     cache: TokenCache,
     allow_insecure_http: bool,
+    /// Which shared token this configuration uses in a token store.
+    store_key: crate::store::StoreKey,
 }
 
 /// [`OAuth2Layer`] with [`RetryOnUnauthorized`] outside it, as [`OAuth2Layer::with_retry`]
@@ -98,7 +100,28 @@ impl OAuth2Layer {
         Self {
             cache: TokenCache::new(fetcher),
             allow_insecure_http: config.allow_insecure_http,
+            store_key: crate::store::StoreKey::for_config(config),
         }
+    }
+
+    /// This layer with its token shared through `store` ([`crate::store`]): a
+    /// [`crate::store::MemoryTokenStore`] between layers of one process, a `RedisTokenStore`
+    /// (feature `redis`) between the processes of a fleet. Layers whose configurations have
+    /// the same [`crate::store::StoreKey`] (token endpoint, `client_id`, scope, audience,
+    /// resource, extra parameters) share one token and make one token request per token
+    /// lifetime between them.
+    ///
+    /// The store is consulted only inside a refresh (cold start, refresh-ahead or refresh
+    /// point, after a 401), never for a request that finds a valid token in this layer; a
+    /// store that fails never fails a request (the layer then requests its own token).
+    ///
+    /// Call it before making services: it starts this layer (and its clones made from now on)
+    /// with a new, empty cache.
+    pub fn with_token_store(mut self, store: impl crate::store::TokenStore) -> Self {
+        let store: std::sync::Arc<dyn crate::store::TokenStore> = std::sync::Arc::new(store);
+        let fleet = crate::store::Fleet::new(store, self.store_key.clone());
+        self.cache = TokenCache::with_fleet(self.cache.fetcher().clone(), Some(fleet));
+        self
     }
 
     /// The token cache shared by every service of this layer: token request count, status

@@ -78,6 +78,7 @@ mod origin;
 mod retry;
 mod secret;
 mod service;
+pub mod store;
 mod telemetry;
 mod token;
 mod transport;

@@ -38,6 +38,7 @@ pub use backoff::{
 };
 pub use refresh::RefreshReason;
 pub(crate) use refresh::RefreshWait;
+pub(crate) use timing::saturating_add;
 pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 
 /// What [`TokenCache::reject`] did with a 401.
@@ -127,6 +128,8 @@ struct Shared {
     epoch: Instant,
     state: Mutex<State>,
     fetcher: TokenFetcher,
+    /// The token store shared with other caches, consulted only inside a refresh flight.
+    fleet: Option<crate::store::Fleet>,
     token_requests: AtomicU64,
     unauthorized_retries: AtomicU64,
 }
@@ -180,6 +183,11 @@ pub(crate) enum Lookup {
 
 impl TokenCache {
     pub(crate) fn new(fetcher: TokenFetcher) -> Self {
+        Self::with_fleet(fetcher, None)
+    }
+
+    /// A cache whose refreshes go through a token store ([`crate::store`]).
+    pub(crate) fn with_fleet(fetcher: TokenFetcher, fleet: Option<crate::store::Fleet>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 published: Published::new(),
@@ -197,6 +205,7 @@ impl TokenCache {
                     invalidated_by_user: false,
                 }),
                 fetcher,
+                fleet,
                 token_requests: AtomicU64::new(0),
                 unauthorized_retries: AtomicU64::new(0),
             }),
@@ -230,6 +239,11 @@ impl TokenCache {
     #[doc(hidden)]
     pub fn hold_lock_for_test(&self) -> impl Drop + '_ {
         self.lock()
+    }
+
+    /// The token fetcher, for a new cache with the same configuration.
+    pub(crate) fn fetcher(&self) -> &TokenFetcher {
+        &self.shared.fetcher
     }
 
     /// The origins this cache's token may be sent to (RFC 6750 §5.3).

@@ -328,11 +328,10 @@ fn start(
                 let fetcher = &task_cache.shared.fetcher;
                 // A task that starts past its deadline (its runtime was stalled) sends nothing.
                 let result = if Instant::now() < fetch_deadline {
-                    task_cache
-                        .shared
-                        .token_requests
-                        .fetch_add(1, Ordering::Relaxed);
-                    fetcher.fetch(fetch_deadline).await
+                    let shared = &task_cache.shared;
+                    let requests = &shared.token_requests;
+                    let fleet = shared.fleet.as_ref();
+                    crate::store::fetch(fleet, fetcher, requests, fetch_deadline, reason).await
                 } else {
                     Err(fetcher.timeout_error())
                 };

@@ -1,0 +1,311 @@
+//! [`Fleet`]: a cache's use of a [`TokenStore`] inside its refresh flight ([`fetch`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{Fence, StoreEntry, StoreKey, TokenPayload, TokenStore};
+use crate::cache::{RefreshReason, REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
+use crate::error::Error;
+use crate::secret::AccessToken;
+use crate::token::{FetchedToken, TokenFetcher};
+
+/// How long the fleet's refresh lock outlives the token request timeout: 1 s (the same grace
+/// a waiter gives a flight in this process).
+pub(crate) const LOCK_GRACE: Duration = Duration::from_secs(1);
+/// First interval at which a process waiting for another's token request looks at the store:
+/// 10 ms, doubled per look up to [`MAX_POLL_INTERVAL`].
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest interval between two looks at the store while waiting: 200 ms.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A cache's store, the key of its configuration, and the generation of the stored token it
+/// holds.
+pub(crate) struct Fleet {
+    store: Arc<dyn TokenStore>,
+    key: StoreKey,
+    /// The store generation of the token this cache last took or saved (0: none).
+    seen: AtomicU64,
+}
+
+impl Fleet {
+    pub(crate) fn new(store: Arc<dyn TokenStore>, key: StoreKey) -> Self {
+        Self {
+            store,
+            key,
+            seen: AtomicU64::new(0),
+        }
+    }
+}
+
+impl fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fleet")
+            .field("store", &self.store)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The token request of one refresh flight, by `deadline`: through the fleet's store when
+/// there is one (see the [module documentation](super)), else straight to the token endpoint.
+/// `requests` counts the token requests actually sent.
+pub(crate) async fn fetch(
+    fleet: Option<&Fleet>,
+    fetcher: &TokenFetcher,
+    requests: &AtomicU64,
+    deadline: Instant,
+    reason: RefreshReason,
+) -> Result<FetchedToken, Error> {
+    match fleet {
+        None => send(fetcher, requests, deadline).await,
+        Some(fleet) => fleet.fetch(fetcher, requests, deadline, reason).await,
+    }
+}
+
+async fn send(
+    fetcher: &TokenFetcher,
+    requests: &AtomicU64,
+    deadline: Instant,
+) -> Result<FetchedToken, Error> {
+    requests.fetch_add(1, Ordering::Relaxed);
+    fetcher.fetch(deadline).await
+}
+
+/// Why the flight goes on without the store.
+enum Unavailable {
+    /// The store failed, or did not answer by the flight's deadline.
+    Store,
+}
+
+impl Fleet {
+    async fn fetch(
+        &self,
+        fetcher: &TokenFetcher,
+        requests: &AtomicU64,
+        deadline: Instant,
+        reason: RefreshReason,
+    ) -> Result<FetchedToken, Error> {
+        match self.coordinate(fetcher, requests, deadline, reason).await {
+            Ok(result) => result,
+            Err(Unavailable::Store) => {
+                tracing::debug!("token store unavailable: requesting a token for this process");
+                send(fetcher, requests, deadline).await
+            }
+        }
+    }
+
+    /// Bounds one store operation by the flight's deadline.
+    async fn op<T>(
+        &self,
+        deadline: Instant,
+        future: super::StoreFuture<'_, T>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout_at(deadline, future).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                tracing::debug!(error = %error, "token store operation failed");
+                Err(Unavailable::Store)
+            }
+            Err(_) => Err(Unavailable::Store),
+        }
+    }
+
+    async fn coordinate(
+        &self,
+        fetcher: &TokenFetcher,
+        requests: &AtomicU64,
+        deadline: Instant,
+        reason: RefreshReason,
+    ) -> Result<Result<FetchedToken, Error>, Unavailable> {
+        let store = &*self.store;
+        let key = &self.key;
+        // After a 401: the rejected token goes from the store too, unless it was replaced.
+        let rejected = if reason == RefreshReason::AfterUnauthorized {
+            let seen = self.seen.load(Ordering::Acquire);
+            if seen != 0 && self.op(deadline, store.remove(key, seen)).await? {
+                tracing::debug!(
+                    generation = seen,
+                    "rejected token removed from the token store"
+                );
+            }
+            seen
+        } else {
+            0
+        };
+        let mut poll = MIN_POLL_INTERVAL;
+        loop {
+            let entry = self.op(deadline, store.load(key)).await?;
+            if let Some(token) = self.usable(&entry, rejected) {
+                tracing::debug!(
+                    generation = entry.generation,
+                    "access token taken from the token store"
+                );
+                return Ok(Ok(token));
+            }
+            let lock_lifetime = fetcher.timeout().saturating_add(LOCK_GRACE);
+            if let Some(fence) = self
+                .op(deadline, store.try_lock(key, lock_lifetime))
+                .await?
+            {
+                return Ok(self
+                    .refresh_for_fleet(fetcher, requests, deadline, fence, rejected)
+                    .await);
+            }
+            // Another process is requesting the token: look again shortly, until the deadline.
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Err(fetcher.timeout_error()));
+            }
+            tokio::time::sleep_until(deadline.min(now + poll)).await;
+            poll = (poll * 2).min(MAX_POLL_INTERVAL);
+        }
+    }
+
+    /// With the fleet's lock held: sends the token request and saves the token.
+    async fn refresh_for_fleet(
+        &self,
+        fetcher: &TokenFetcher,
+        requests: &AtomicU64,
+        deadline: Instant,
+        fence: Fence,
+        rejected: u64,
+    ) -> Result<FetchedToken, Error> {
+        let store = &*self.store;
+        let key = &self.key;
+        // A token may have been saved between the look and the lock.
+        let entry = match self.op(deadline, store.load(key)).await {
+            Ok(entry) => entry,
+            Err(Unavailable::Store) => return send(fetcher, requests, deadline).await,
+        };
+        if let Some(token) = self.usable(&entry, rejected) {
+            let _ = self.op(deadline, store.unlock(key, &fence)).await;
+            return Ok(token);
+        }
+        tracing::debug!("requesting the access token for the fleet");
+        let result = send(fetcher, requests, deadline).await;
+        match &result {
+            Ok(token) => {
+                let payload = encode(token);
+                // The store keeps the token until it expires.
+                let time_to_live = token.lifetime.saturating_sub(token.requested_at.elapsed());
+                match self
+                    .op(
+                        deadline.max(Instant::now() + LOCK_GRACE),
+                        store.save(key, entry.generation, &payload, time_to_live, &fence),
+                    )
+                    .await
+                {
+                    Ok(Some(generation)) => {
+                        self.seen.store(generation, Ordering::Release);
+                        tracing::debug!(generation, "access token saved in the token store");
+                    }
+                    Ok(None) => tracing::debug!(
+                        "a newer token was saved in the token store meanwhile; this one is \
+                         kept by this process only"
+                    ),
+                    Err(Unavailable::Store) => {}
+                }
+            }
+            Err(_) => {
+                // Let the others try at once instead of waiting for the lock to expire.
+                let _ = self
+                    .op(
+                        deadline.max(Instant::now() + LOCK_GRACE),
+                        store.unlock(key, &fence),
+                    )
+                    .await;
+            }
+        }
+        result
+    }
+
+    /// The stored token of `entry` if it is not yet due for its refresh-ahead and was not the
+    /// `rejected` generation (or older).
+    fn usable(&self, entry: &StoreEntry, rejected: u64) -> Option<FetchedToken> {
+        if entry.generation <= rejected {
+            return None;
+        }
+        let token = decode(entry.token.as_ref()?)?;
+        self.seen.store(entry.generation, Ordering::Release);
+        Some(token)
+    }
+}
+
+/// A token as stored (see [`TokenPayload`]).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    access_token: String,
+    /// When the token request was sent: milliseconds since the Unix epoch.
+    requested_at_ms: u64,
+    /// When the token expires: milliseconds since the Unix epoch.
+    expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+}
+
+/// The process's wall clock in milliseconds since the Unix epoch, advancing with Tokio's clock
+/// (so a paused test clock moves it too): the wall clock read once, plus Tokio time since.
+fn wall_now_ms() -> u64 {
+    static BASE: OnceLock<(u64, std::time::Instant)> = OnceLock::new();
+    let (wall, instant) = *BASE.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        (wall, std::time::Instant::now())
+    });
+    let elapsed = Instant::now()
+        .into_std()
+        .saturating_duration_since(instant)
+        .as_millis() as u64;
+    wall.saturating_add(elapsed)
+}
+
+fn encode(token: &FetchedToken) -> TokenPayload {
+    let requested_at_ms =
+        wall_now_ms().saturating_sub(token.requested_at.elapsed().as_millis() as u64);
+    let stored = Stored {
+        access_token: token.access_token.expose_secret().to_owned(),
+        requested_at_ms,
+        expires_at_ms: requested_at_ms.saturating_add(token.lifetime.as_millis() as u64),
+        scope: token.granted_scope.as_deref().map(str::to_owned),
+    };
+    TokenPayload(serde_json::to_vec(&stored).unwrap_or_default())
+}
+
+/// The token of `payload` if it is well-formed and not yet due for refresh-ahead anywhere
+/// (less than [`REFRESH_AHEAD_PERCENT`] − [`REFRESH_AHEAD_JITTER_PERCENT`] of its lifetime
+/// used, by this process's wall clock).
+fn decode(payload: &TokenPayload) -> Option<FetchedToken> {
+    let stored: Stored = match serde_json::from_slice(payload.as_bytes()) {
+        Ok(stored) => stored,
+        Err(_) => {
+            tracing::warn!("unreadable token in the token store: ignored");
+            return None;
+        }
+    };
+    let lifetime_ms = stored.expires_at_ms.checked_sub(stored.requested_at_ms)?;
+    let used_ms = wall_now_ms().saturating_sub(stored.requested_at_ms);
+    let fresh_share = u64::from(REFRESH_AHEAD_PERCENT - REFRESH_AHEAD_JITTER_PERCENT);
+    if used_ms.saturating_mul(100) >= lifetime_ms.saturating_mul(fresh_share) {
+        return None;
+    }
+    let mut authorization =
+        HeaderValue::try_from(format!("Bearer {}", stored.access_token)).ok()?;
+    authorization.set_sensitive(true);
+    let now = Instant::now();
+    Some(FetchedToken {
+        authorization,
+        access_token: AccessToken::new(stored.access_token),
+        lifetime: Duration::from_millis(lifetime_ms),
+        granted_scope: stored.scope.map(Arc::from),
+        requested_at: now
+            .checked_sub(Duration::from_millis(used_ms))
+            .unwrap_or(now),
+    })
+}

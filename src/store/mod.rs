@@ -1,0 +1,167 @@
+//! Token stores: where the processes of a fleet share one access token, so that a fleet makes
+//! one token request per token lifetime instead of one per process.
+//!
+//! A store is consulted **only when a refresh is due** (a cold start, the cache's own
+//! refresh-ahead or refresh point, a 401): inside the one refresh flight of a
+//! [`crate::TokenCache`], never on the warm path, which keeps reading the process's own copy.
+//! In that flight the cache:
+//!
+//! 1. after a 401, removes the rejected token from the store if it is still the stored one
+//!    ([`TokenStore::remove`], compare-and-delete by generation);
+//! 2. takes the stored token if it is not yet due for its own refresh-ahead (less than
+//!    [`crate::REFRESH_AHEAD_PERCENT`] − [`crate::REFRESH_AHEAD_JITTER_PERCENT`] of its lifetime
+//!    used), and sends no token request;
+//! 3. otherwise takes the fleet's refresh lock ([`TokenStore::try_lock`]) and sends the token
+//!    request, then saves the token ([`TokenStore::save`], compare-and-set by generation: a
+//!    refresh whose lock was lost never overwrites a newer token);
+//! 4. or, while another process holds the lock, polls the store until that token appears, the
+//!    lock is released or expires (then it tries itself), or the flight's deadline passes.
+//!
+//! A store that fails or is too slow never fails a request: the flight then sends its own
+//! token request, as a cache without a store does.
+//!
+//! Stores: [`MemoryTokenStore`] (one process, several layers) and, with the `redis` feature,
+//! `RedisTokenStore` (a fleet of processes). Attach one with
+//! [`crate::OAuth2Layer::with_token_store`].
+
+mod fleet;
+mod key;
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+mod seal;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tower::BoxError;
+
+pub(crate) use fleet::{fetch, Fleet};
+pub use key::StoreKey;
+pub use memory::MemoryTokenStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{
+    RedisTokenStore, RedisTokenStoreBuilder, DEFAULT_REDIS_KEY_PREFIX,
+    DEFAULT_REDIS_OPERATION_TIMEOUT, MAX_REDIS_RETRY_BACKOFF, MIN_REDIS_RETRY_BACKOFF,
+    REDIS_CONNECT_TIMEOUT,
+};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use seal::SealingKey;
+
+/// The future a [`TokenStore`] method returns. An `Err` means "the store could not answer":
+/// the refresh then goes on without the store (it never fails a request).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send + 'a>>;
+
+/// What a store holds under one [`StoreKey`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreEntry {
+    /// The generation of the newest token ever saved under the key (0: none yet). Grows by
+    /// one per [`TokenStore::save`] and is kept when the token is removed, so a late writer
+    /// can never save over a newer token.
+    pub generation: u64,
+    /// The token of `generation`, unless it was removed ([`TokenStore::remove`]) or expired.
+    pub token: Option<TokenPayload>,
+}
+
+/// A stored token as the crate serialises it: the access token, when it was requested and
+/// when it expires (wall clock, milliseconds since the Unix epoch), and its scope. Opaque to
+/// stores; it contains the access token, so a store that keeps it outside the process must
+/// seal it (`RedisTokenStore` does). `Debug` prints its length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenPayload(Vec<u8>);
+
+impl TokenPayload {
+    /// Wraps bytes that a store read back (what [`TokenPayload::as_bytes`] gave it).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The bytes to keep. Secret: never log them.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TokenPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenPayload(<redacted, {} bytes>)", self.0.len())
+    }
+}
+
+/// The proof of holding a store's refresh lock: a random value (128 bits, hex) that only the
+/// holder knows, so that it releases only its own lock, never one taken after its own
+/// expired.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Fence(String);
+
+impl Fence {
+    /// A new random fence (from the operating system's generator, through `ring`).
+    pub fn random() -> Self {
+        use ring::rand::SecureRandom as _;
+        let mut bytes = [0u8; 16];
+        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+            // Uniqueness, not secrecy, is what a fence needs.
+            bytes = fastrand::u128(..).to_be_bytes();
+        }
+        Self(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+    }
+
+    /// The fence as a string, as stores keep it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fence({})", self.0)
+    }
+}
+
+/// Where the processes of a fleet share their access token: the refresh lock, the token and
+/// its generation, under one [`StoreKey`] per configuration. See the [module
+/// documentation](self) for how the cache uses it.
+///
+/// Every method may fail (`Err`): the cache then treats the store as absent for that refresh.
+/// Implementations bound each operation by a short timeout of their own; the cache also gives
+/// up on any one operation after the rest of the flight's token request timeout.
+pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
+    /// The newest generation under `key` and its token, if still there.
+    fn load<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, StoreEntry>;
+
+    /// Takes the refresh lock of `key` for `lifetime` unless someone holds it: `Some(fence)`
+    /// when taken, `None` when held by another. The lock expires by itself after `lifetime`
+    /// (the token request timeout plus a grace), so a process that dies holding it delays the
+    /// fleet by at most that.
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        lifetime: Duration,
+    ) -> StoreFuture<'a, Option<Fence>>;
+
+    /// Releases the lock of `key` if it is still held with `fence` (compare-and-delete).
+    fn unlock<'a>(&'a self, key: &'a StoreKey, fence: &'a Fence) -> StoreFuture<'a, ()>;
+
+    /// Saves `token` as generation `expected_generation + 1` if the newest generation under
+    /// `key` is still `expected_generation` (compare-and-set, atomically), keeps it for
+    /// `time_to_live` (the token's remaining lifetime), and releases the lock if it is still
+    /// held with `fence`. Returns the new generation, or `None` when a newer token was saved
+    /// meanwhile (nothing written).
+    fn save<'a>(
+        &'a self,
+        key: &'a StoreKey,
+        expected_generation: u64,
+        token: &'a TokenPayload,
+        time_to_live: Duration,
+        fence: &'a Fence,
+    ) -> StoreFuture<'a, Option<u64>>;
+
+    /// Removes the token of `key` if it is still of `generation` (compare-and-delete, after a
+    /// 401 for it), keeping the generation number. Returns whether it removed it.
+    fn remove<'a>(&'a self, key: &'a StoreKey, generation: u64) -> StoreFuture<'a, bool>;
+}
