@@ -1,5 +1,7 @@
 //! The warm path takes no lock in any usage pattern: with a valid token cached and the cache's
 //! lock held by another thread, requests still complete in every way users call the service.
+//! And it reads no clock, yet follows the token's deadlines: per-generation phase timers on
+//! Tokio's clock (paused here), and the clock itself once those timers' runtime is gone.
 
 mod common;
 
@@ -39,6 +41,26 @@ fn request() -> Request<()> {
     Request::get("https://prd.api.nuvy.ai/v1/ping")
         .body(())
         .unwrap()
+}
+
+/// A layer whose token may go to the origin of [`request`].
+fn echo_layer(server: &common::NuvyServer) -> nuvy_oauth2::OAuth2Layer {
+    let config = common::config_builder(server)
+        .allow_origin("https://prd.api.nuvy.ai")
+        .build()
+        .unwrap();
+    nuvy_oauth2::OAuth2Layer::new(config).unwrap()
+}
+
+/// `ready` + `call` on a service kept across requests.
+async fn send_on<S>(service: &mut S) -> String
+where
+    S: Service<Request<()>, Response = Response<Option<HeaderValue>>>,
+    S::Error: Into<BoxError>,
+{
+    let service = service.ready().await.map_err(Into::into).unwrap();
+    let response = service.call(request()).await.map_err(Into::into).unwrap();
+    response.into_body().unwrap().to_str().unwrap().to_owned()
 }
 
 async fn send<S>(service: S) -> String
@@ -130,4 +152,90 @@ fn a_never_called_clone_gets_the_token_without_the_cache_lock_in_every_pattern()
         assert_eq!(header, expected, "{pattern}");
     }
     assert_eq!(server.token_requests(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_warm_path_follows_the_refresh_ahead_and_refresh_points_without_reading_the_clock() {
+    // 1000 s lifetime: refresh-ahead at 750 s (± 50 s), refresh point at 940 s (margin 60 s).
+    let server = common::server(Duration::from_secs(1000)).await;
+    let layer = echo_layer(&server);
+    // A reused instance (its own copy after two calls) and a never-called one.
+    let mut reused = layer.layer(Echo);
+    let first = send_on(&mut reused).await;
+    assert_eq!(send_on(&mut reused).await, first);
+    let never_called = layer.layer(Echo);
+
+    // Before the refresh-ahead point: the same token, no new request.
+    tokio::time::advance(Duration::from_secs(650)).await;
+    assert_eq!(send_on(&mut reused).await, first);
+    assert_eq!(send(never_called.clone()).await, first);
+    assert_eq!(server.token_requests(), 1);
+
+    // Past it: the reused instance's next call starts the background refresh, and is served
+    // with the current token without waiting (the endpoint is slow on purpose).
+    tokio::time::advance(Duration::from_secs(150)).await;
+    server.delay_next_token_requests(1, Duration::from_secs(5));
+    assert_eq!(send_on(&mut reused).await, first);
+    assert!(layer.token_cache().status().refresh_in_flight);
+    assert_eq!(send(never_called.clone()).await, first);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(server.token_requests(), 2);
+    let second = send_on(&mut reused).await;
+    assert_ne!(second, first);
+    assert_eq!(send(never_called.clone()).await, second);
+
+    // Past the second token's refresh point (it was requested at 800 s): the call waits for
+    // a third token rather than using its copy of the second one.
+    tokio::time::advance(Duration::from_secs(950)).await;
+    let third = send_on(&mut reused).await;
+    assert_ne!(third, second);
+    assert_eq!(server.token_requests(), 3);
+}
+
+#[test]
+fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock() {
+    // The server lives in a runtime of its own, for the whole test.
+    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = server_runtime.block_on(common::server(Duration::from_secs(600)));
+    let layer = echo_layer(&server);
+    let mut reused = layer.layer(Echo);
+
+    // The token is fetched, and its phase timers registered, in a runtime that then shuts down.
+    let first_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = first_runtime.block_on(async {
+        send_on(&mut reused).await;
+        send_on(&mut reused).await
+    });
+    drop(first_runtime);
+
+    // In another runtime (paused) the token is still served while valid, and not past its
+    // refresh point (540 s), although no timer will ever mark it stale.
+    let second_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    second_runtime.block_on(async {
+        assert_eq!(send_on(&mut reused).await, first);
+        assert_eq!(send(layer.layer(Echo)).await, first);
+        tokio::time::advance(Duration::from_secs(545)).await;
+        // The token request goes to the server's runtime on another thread: keep this paused
+        // runtime from auto-advancing its clock past the request timeout meanwhile.
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let inhibit = tokio::task::spawn_blocking(move || {
+            let _ = wait.recv();
+        });
+        let second = send_on(&mut reused).await;
+        drop(done);
+        inhibit.await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(server.token_requests(), 2);
+    });
 }

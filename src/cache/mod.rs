@@ -1,9 +1,10 @@
 //! [`TokenCache`]: the one cached access token of a layer and everything that keeps it fresh.
 //!
-//! - **Read path** ([`snapshot`]): a valid token is used with one atomic load (the service's own
-//!   copy) or one lock-free `ArcSwap` load (a service that holds no copy yet), and one clock
-//!   read; no lock, no allocation. Every change of the current token is published from one
-//!   place, `TokenCache::publish`.
+//! - **Read path** ([`snapshot`]): a valid token is used with one atomic load (generation and
+//!   phase; the service's own copy) or one more lock-free `ArcSwap` load (a service that holds
+//!   no copy yet), and a coarse clock read (about 3 ns) instead of a full one: per-generation
+//!   phase timers mark the refresh-ahead and refresh points. No lock, no allocation. Every
+//!   change of the current token is published from one place, `TokenCache::publish`.
 //! - **Single flight** ([`refresh`]): at most one token request is in flight per cache. It runs
 //!   in a spawned task, so dropping any caller (the one that started it included) neither
 //!   cancels nor stalls it; its outcome, success or shared [`Error`], reaches every waiter.
@@ -59,7 +60,8 @@ impl Rejection {
     }
 }
 
-use snapshot::{Published, NO_TOKEN};
+use snapshot::{coarse_deadline, coarse_now, Published, AHEAD, CLOCK, NO_TOKEN};
+pub(crate) use snapshot::{generation_of, phase_of, STALE};
 
 /// A service's own copy of the current token: what the warm path reads.
 #[derive(Clone)]
@@ -71,6 +73,52 @@ pub(crate) struct LocalToken {
     pub(crate) refresh_at: Instant,
     /// From here on the first request starts a background refresh.
     pub(crate) refresh_ahead_at: Instant,
+    /// `refresh_at` and `refresh_ahead_at` on the coarse clock (see [`snapshot`]): the warm
+    /// path's backstop for a runtime whose phase timer is not being driven.
+    coarse_refresh_at: u64,
+    coarse_refresh_ahead_at: u64,
+}
+
+impl LocalToken {
+    pub(crate) fn new(
+        generation: u64,
+        authorization: HeaderValue,
+        refresh_at: Instant,
+        refresh_ahead_at: Instant,
+    ) -> Self {
+        Self {
+            generation,
+            authorization,
+            refresh_at,
+            refresh_ahead_at,
+            coarse_refresh_at: coarse_deadline(refresh_at),
+            coarse_refresh_ahead_at: coarse_deadline(refresh_ahead_at),
+        }
+    }
+
+    /// Whether the warm path may use this token, the published one, in `phase` (of the word it
+    /// was checked against): no clock read before the refresh-ahead point but the coarse one
+    /// (about 3 ns). Starts the background refresh when it is due.
+    #[inline]
+    pub(crate) fn usable(&self, phase: u64, cache: &TokenCache) -> bool {
+        let ahead = if phase == CLOCK {
+            let now = Instant::now();
+            if now >= self.refresh_at {
+                return false;
+            }
+            now >= self.refresh_ahead_at
+        } else {
+            let now = coarse_now();
+            if now >= self.coarse_refresh_at {
+                return false;
+            }
+            phase == AHEAD || now >= self.coarse_refresh_ahead_at
+        };
+        if ahead {
+            cache.start_refresh_ahead(self.generation);
+        }
+        true
+    }
 }
 
 /// The token as stored in the cache.
@@ -216,6 +264,13 @@ impl TokenCache {
     #[inline]
     pub fn current_generation(&self) -> u64 {
         self.shared.published.generation()
+    }
+
+    /// The published generation and phase, packed ([`generation_of`], [`phase_of`]): one
+    /// atomic load of a line that only a publish and the phase timer write.
+    #[inline]
+    pub(crate) fn published_word(&self) -> u64 {
+        self.shared.published.word()
     }
 
     /// The published current token: lock-free, for a service that holds no copy of it yet.
@@ -528,5 +583,30 @@ mod tests {
             weak.upgrade().is_none(),
             "no task or timer keeps the cache alive"
         );
+    }
+
+    #[tokio::test]
+    async fn the_coarse_clock_stops_the_warm_path_when_the_phase_timer_is_not_driven() {
+        let config = OAuth2Config::builder(ClientCredentials::new("id", "secret"))
+            .build()
+            .unwrap();
+        let cache = TokenCache::new(TokenFetcher::with_default_transport(&config).unwrap());
+        let now = Instant::now();
+        let mut token = LocalToken::new(
+            1,
+            HeaderValue::from_static("Bearer x"),
+            now + Duration::from_secs(3600),
+            now + Duration::from_secs(3000),
+        );
+        assert!(token.usable(snapshot::FRESH, &cache));
+        // The refresh point passed in real time, and no timer said so (its runtime was not
+        // driven): the phase still says fresh, the coarse clock does not.
+        token.coarse_refresh_at = coarse_now();
+        assert!(!token.usable(snapshot::FRESH, &cache));
+        assert!(!token.usable(AHEAD, &cache));
+        // With the timer gone, Tokio's clock decides.
+        assert!(token.usable(CLOCK, &cache));
+        token.refresh_at = now;
+        assert!(!token.usable(CLOCK, &cache));
     }
 }

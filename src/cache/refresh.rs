@@ -401,12 +401,12 @@ fn succeed(
     state.last_generation += 1;
     let generation = state.last_generation;
     let schedule = schedule(fetched.requested_at, fetched.lifetime);
-    let local = LocalToken {
+    let local = LocalToken::new(
         generation,
-        authorization: fetched.authorization,
-        refresh_at: schedule.refresh_at,
-        refresh_ahead_at: schedule.refresh_ahead_at,
-    };
+        fetched.authorization,
+        schedule.refresh_at,
+        schedule.refresh_ahead_at,
+    );
     cache.set_current(
         state,
         Some(CachedToken {

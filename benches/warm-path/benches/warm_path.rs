@@ -401,6 +401,16 @@ fn clock_pattern(runtime: &Arc<tokio::runtime::Runtime>) -> Pattern {
             }),
         ),
         (
+            "coarsetime_instant_now",
+            Box::new(|n| {
+                let start = Instant::now();
+                for _ in 0..n {
+                    black_box(coarsetime::Instant::now());
+                }
+                start.elapsed()
+            }),
+        ),
+        (
             "tokio_instant_now",
             Box::new(move |n| {
                 let _context = runtime.enter();
