@@ -163,9 +163,35 @@ pub struct ClientCredentials {
     /// environment variable.
     client_id_origin: &'static str,
     client_secret_origin: &'static str,
+    /// Where the secret is read again from when it may have changed.
+    secret_source: Option<crate::rotation::SecretSource>,
 }
 
 impl ClientCredentials {
+    /// Credentials whose `client_secret` comes from `source` and may change without a restart
+    /// (a file Kubernetes updates, a secrets manager): see [`crate::SecretSource`]. The secret
+    /// is read now, trailing line breaks removed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] when the file cannot be read as UTF-8 text or the callback
+    /// fails; [`ErrorKind::InvalidCredential`] for an empty secret or one with characters
+    /// outside printable ASCII (named by position, never shown).
+    pub fn with_secret_source(
+        client_id: impl Into<String>,
+        source: crate::rotation::SecretSource,
+    ) -> Result<Self, Error> {
+        let (secret, _) = source.read()?;
+        Ok(Self {
+            secret_source: Some(source),
+            ..Self::new(client_id, secret)
+        })
+    }
+
+    /// The source of a secret that may change, if any.
+    pub(crate) fn secret_source(&self) -> Option<&crate::rotation::SecretSource> {
+        self.secret_source.as_ref()
+    }
+
     /// Credentials given in code (for instance read from a secrets manager), taken as they
     /// are. They are checked when the configuration is built
     /// ([`OAuth2ConfigBuilder::build`]): empty values and characters outside printable ASCII
@@ -176,6 +202,7 @@ impl ClientCredentials {
             client_secret: client_secret.into(),
             client_id_origin: "client_id",
             client_secret_origin: "client_secret",
+            secret_source: None,
         }
     }
 
@@ -221,6 +248,7 @@ impl ClientCredentials {
             client_secret: ClientSecret::new(client_secret),
             client_id_origin: CLIENT_ID_ENV_VAR,
             client_secret_origin,
+            secret_source: None,
         })
     }
 
@@ -252,14 +280,14 @@ fn read_required_env(name: &'static str) -> Result<String, Error> {
 }
 
 /// Removes trailing `\r` and `\n` only: every other character is part of the value.
-fn trim_line_breaks(value: &str) -> &str {
+pub(crate) fn trim_line_breaks(value: &str) -> &str {
     value.trim_end_matches(['\r', '\n'])
 }
 
 /// RFC 6749 Appendix A.1/A.2: `client_id` and `client_secret` are `*VSCHAR` (%x20-7E).
 /// Refuses an empty value, and names the 1-based position of the first character outside that
 /// range; never the value.
-fn check_credential(value: &str, setting: &'static str) -> Result<(), Error> {
+pub(crate) fn check_credential(value: &str, setting: &'static str) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::new(ErrorKind::InvalidCredential {
             setting,
@@ -380,6 +408,13 @@ impl OAuth2Config {
     /// The client credentials.
     pub fn credentials(&self) -> &ClientCredentials {
         &self.credentials
+    }
+
+    /// This configuration with another `client_secret` (a rotated one, already checked).
+    pub(crate) fn with_client_secret(&self, secret: ClientSecret) -> Self {
+        let mut config = self.clone();
+        config.credentials.client_secret = secret;
+        config
     }
 
     /// Whether plain `http` is allowed for the token endpoint and for API requests.

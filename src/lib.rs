@@ -76,6 +76,7 @@ mod future;
 mod layer;
 mod origin;
 mod retry;
+mod rotation;
 mod secret;
 mod service;
 pub mod store;
@@ -104,6 +105,7 @@ pub use error::{Error, ErrorKind, TokenErrorFields, MAX_SERVER_TEXT_CHARS};
 pub use future::ResponseFuture;
 pub use layer::{OAuth2Layer, OAuth2RetryLayer, OAuth2RetryService};
 pub use retry::{ReplayableBody, RetryOnUnauthorized};
+pub use rotation::SecretSource;
 pub use secret::{AccessToken, ClientSecret};
 pub use service::{OAuth2Service, UsedTokenGeneration};
 pub use telemetry::{

@@ -80,6 +80,7 @@ impl NuvyServerBuilder {
                 last_api_authorization: None,
                 reject_all_api_requests: false,
                 granted_scope: None,
+                client_secrets: None,
             }),
             token_requests: AtomicU64::new(0),
             token_requests_in_flight: AtomicU64::new(0),
@@ -229,6 +230,8 @@ struct Knobs {
     last_api_authorization: Option<HeaderValue>,
     reject_all_api_requests: bool,
     granted_scope: Option<serde_json::Value>,
+    /// The valid secrets when rotated (`set_client_secrets`); `None`: the registered one.
+    client_secrets: Option<Vec<String>>,
 }
 
 struct ServerState {
@@ -295,6 +298,14 @@ impl NuvyServer {
     /// `http://127.0.0.1:<port><path>`, a URL of the protected API.
     pub fn api_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Replaces the valid `client_secret`s of the client (a rotation: accept the old and the
+    /// new one, then the new one only). Token requests with any other secret get 401
+    /// `invalid_client`. Tokens already issued stay valid.
+    pub fn set_client_secrets(&self, secrets: &[&str]) {
+        self.state.knobs().client_secrets =
+            Some(secrets.iter().map(|secret| (*secret).to_owned()).collect());
     }
 
     /// Requests received on the token endpoint, answered or not.
@@ -599,7 +610,14 @@ impl ServerState {
         headers: &HeaderMap,
         form: &HashMap<String, String>,
     ) -> Option<String> {
-        let matches = |id: &str, secret: &str| id == self.client_id && secret == self.client_secret;
+        let secrets = self.knobs().client_secrets.clone();
+        let matches = |id: &str, secret: &str| {
+            id == self.client_id
+                && match &secrets {
+                    Some(secrets) => secrets.iter().any(|valid| valid == secret),
+                    None => secret == self.client_secret,
+                }
+        };
         if let Some(value) = headers.get(AUTHORIZATION) {
             let encoded = value.to_str().ok()?.strip_prefix("Basic ")?;
             let decoded = String::from_utf8(BASE64.decode(encoded.trim()).ok()?).ok()?;

@@ -46,6 +46,9 @@ pub(crate) struct FetchedToken {
 pub(crate) struct TokenFetcher {
     transport: Transport,
     template: Arc<TokenRequestTemplate>,
+    /// The template of a secret that may change ([`crate::SecretSource`]), instead of
+    /// `template`.
+    rotation: Option<Arc<crate::rotation::Rotation>>,
     timeout: Duration,
     max_body_bytes: usize,
     /// The `scope` requested, if any.
@@ -80,9 +83,11 @@ impl TokenFetcher {
                 response.map(|body| body.map_err(Into::into).boxed_unsync())
             })
             .map_err(Into::into);
+        let template = Arc::new(TokenRequestTemplate::from_config(config)?);
         Ok(Self {
             transport: BoxCloneSyncService::new(transport),
-            template: Arc::new(TokenRequestTemplate::from_config(config)?),
+            template: template.clone(),
+            rotation: crate::rotation::Rotation::new(config, template).map(Arc::new),
             timeout: config.token_request_timeout,
             max_body_bytes: config.max_token_response_bytes,
             allowed_origins: Arc::new(config.allowed_origins.clone()),
@@ -104,10 +109,31 @@ impl TokenFetcher {
     /// request is safe to repeat, and the pool has dropped the dead connection by then. Both
     /// sends count as one attempt.
     ///
+    /// With a [`crate::SecretSource`], a rejected client (`invalid_client`, RFC 6749 §5.2)
+    /// reads the source again; if the secret changed, the request is sent once more at once
+    /// with the new one, by the same deadline.
+    ///
     /// # Errors
     /// [`ErrorKind::Timeout`] at the deadline; [`ErrorKind::Transport`];
     /// [`ErrorKind::ResponseTooLarge`]; and every error of the response parser.
     pub(crate) async fn fetch(&self, deadline: Instant) -> Result<FetchedToken, Error> {
+        let result = self.fetch_once(deadline).await;
+        match (&result, &self.rotation) {
+            // The secret was rotated under us: read it again, and if it changed, ask again at
+            // once (same deadline) instead of pausing.
+            (Err(error), Some(rotation)) if error.is_invalid_client() && rotation.reload() => {
+                tracing::info!(
+                    "the token endpoint rejected the client and the client secret has \
+                     changed: sending the token request again with the new one"
+                );
+                self.fetch_once(deadline).await
+            }
+            _ => result,
+        }
+    }
+
+    /// One token request (see [`TokenFetcher::fetch`]).
+    async fn fetch_once(&self, deadline: Instant) -> Result<FetchedToken, Error> {
         let timed_out = || self.timeout_error();
         if Instant::now() >= deadline {
             return Err(timed_out());
@@ -183,7 +209,11 @@ impl TokenFetcher {
     }
 
     async fn send(&self) -> Result<Response<TokenTransportBody>, BoxError> {
-        self.transport.clone().oneshot(self.template.build()).await
+        let request = match &self.rotation {
+            Some(rotation) => rotation.template().build(),
+            None => self.template.build(),
+        };
+        self.transport.clone().oneshot(request).await
     }
 }
 

@@ -8,3 +8,4 @@ mod response;
 
 pub(crate) use fetcher::{FetchedToken, TokenFetcher};
 pub use fetcher::{TokenTransportBody, TokenTransportRequest};
+pub(crate) use request::TokenRequestTemplate;
