@@ -3,7 +3,8 @@
 //! - **Logs** (`tracing`): one INFO event `access token obtained` per token obtained, with the
 //!   token endpoint's host, the `client_id`, the requested and granted scope, the new token's
 //!   generation, why it was requested (`initial`, `expired`, `refresh-ahead`, `rejected`,
-//!   `invalidated by the user`), the time the request took and the token's lifetime; one WARN
+//!   `invalidated by the user`), the time the request took, the token's lifetime and its
+//!   `source` (`token endpoint`, or `token store` when another process requested it); one WARN
 //!   event `token request failed` per failure, with the same identification and the error
 //!   (which names the cause, see [`crate::Error`]). No field ever holds a secret: not the
 //!   `client_secret`, not an access token.
@@ -74,6 +75,8 @@ pub(crate) struct Obtained<'a> {
     pub(crate) granted_scope: Option<&'a str>,
     pub(crate) elapsed: Duration,
     pub(crate) lifetime: Duration,
+    /// Taken from a token store: no token request was sent by this process.
+    pub(crate) from_store: bool,
 }
 
 /// Logs (INFO) and counts a token obtained.
@@ -87,11 +90,14 @@ pub(crate) fn token_obtained(labels: &Labels, obtained: &Obtained<'_>) {
         generation = obtained.generation,
         elapsed_ms = obtained.elapsed.as_millis() as u64,
         lifetime_secs = obtained.lifetime.as_secs(),
+        source = if obtained.from_store { "token store" } else { "token endpoint" },
         "access token obtained"
     );
     #[cfg(feature = "metrics")]
     {
-        record::request(labels, obtained.reason, "success", obtained.elapsed);
+        if !obtained.from_store {
+            record::request(labels, obtained.reason, "success", obtained.elapsed);
+        }
         record::remaining_lifetime(labels, Some(obtained.lifetime));
     }
 }

@@ -143,6 +143,7 @@ async fn one_info_line_per_token_request_with_who_where_why_and_how_long() {
         "generation=1",
         "elapsed_ms=",
         "lifetime_secs=3600",
+        "source=\"token endpoint\"",
     ] {
         assert!(line.contains(field), "{field} missing from: {line}");
     }
@@ -208,4 +209,20 @@ async fn one_info_line_per_token_request_with_who_where_why_and_how_long() {
     // Nothing secret anywhere.
     let all = format!("{log}{:?}", layer.token_cache().status());
     assert!(!all.contains(server.client_secret()));
+
+    // A token taken from a token store says so: this process sent no token request.
+    let store = nuvy_oauth2::store::MemoryTokenStore::new();
+    let first = common::layer(&server).with_token_store(store.clone());
+    let second = common::layer(&server).with_token_store(store);
+    for layer in [&first, &second] {
+        status_of(common::api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+    }
+    let log = logs.take();
+    let lines = info_lines(&log);
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines[0].contains("source=\"token endpoint\""), "{log}");
+    assert!(lines[1].contains("source=\"token store\""), "{log}");
+    assert_eq!(second.token_cache().token_requests(), 0);
 }

@@ -434,6 +434,7 @@ fn succeed(
                 .and_then(|token| token.granted_scope.as_deref()),
             elapsed: started.elapsed(),
             lifetime: fetched.lifetime,
+            from_store: fetched.from_store,
         },
     );
     local

@@ -307,5 +307,6 @@ fn decode(payload: &TokenPayload) -> Option<FetchedToken> {
         requested_at: now
             .checked_sub(Duration::from_millis(used_ms))
             .unwrap_or(now),
+        from_store: true,
     })
 }

@@ -39,6 +39,8 @@ pub(crate) struct FetchedToken {
     /// When the token request was sent: expiry counts from here (RFC 6749 §5.1 `expires_in`
     /// is relative to the response, which is later; counting from the request is the safe side).
     pub(crate) requested_at: Instant,
+    /// Taken from a token store (another process requested it), not from the token endpoint.
+    pub(crate) from_store: bool,
 }
 
 /// Sends token requests. Cheap to clone.
@@ -194,6 +196,7 @@ impl TokenFetcher {
             authorization: grant.authorization,
             lifetime: grant.lifetime,
             requested_at,
+            from_store: false,
         })
     }
 
