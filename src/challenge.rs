@@ -40,7 +40,9 @@ impl Challenge<'_> {
 /// Whether a 401 is about the access token (RFC 6750 §3), so a new token may help:
 /// - no `WWW-Authenticate` at all, or none that parses (the Nuvy authentication documentation
 ///   treats any 401 as "get a fresh token"): yes, a plain 401;
-/// - a `Bearer` challenge (any case) whose `error` is `invalid_token` or absent: yes;
+/// - a `Bearer` challenge (any case) whose `error` is `invalid_token` (any case) or absent: yes;
+///   an empty or blank `error=""` is no error code (RFC 6750 §3: `1*( %x20-21 / %x23-5B /
+///   %x5D-7E )`), so it counts as absent;
 /// - otherwise (a `Bearer` challenge with `insufficient_scope` or `invalid_request`, only
 ///   non-Bearer challenges): no, a new token would not help.
 ///
@@ -56,6 +58,8 @@ pub(crate) fn is_token_rejection(headers: &HeaderMap) -> bool {
             if challenge.scheme.eq_ignore_ascii_case("bearer")
                 && challenge
                     .param("error")
+                    .map(str::trim)
+                    .filter(|error| !error.is_empty())
                     .is_none_or(|error| error.eq_ignore_ascii_case("invalid_token"))
             {
                 return true;
@@ -282,6 +286,17 @@ mod tests {
         (&[b"Bearer error = \"invalid_token\""], true),
         (&[b"Bearer error=\"insufficient_scope\", scope=\"admin\""], false),
         (&[b"Bearer error=\"invalid_request\""], false),
+        // An empty error is no error code: as if absent.
+        (&[b"Bearer error=\"\""], true),
+        (&[b"Bearer realm=\"x\", error=\" \""], true),
+        (&[b"Bearer error=\"\", Basic realm=\"x\""], true),
+        (&[b"Bearer error=\" invalid_token \""], true),
+        (&[b"Bearer error=\"\xff\""], false),
+        (&[b"Bearer abc=, error=\"insufficient_scope\""], true),
+        (&[b"Negotiate abc=, Bearer error=\"insufficient_scope\""], false),
+        (&[b"Bearer error=invalid_token, Bearer error=insufficient_scope"], true),
+        (&[b"Bearer realm=\"a\"error=\"insufficient_scope\""], true),
+        (&[b" ,\t, "], true),
         // A comma and `error=` inside a quoted string are text, not a parameter.
         (&[b"Bearer realm=\"a, error=x\", error=\"invalid_token\""], true),
         (&[b"Bearer realm=\"a, error=invalid_token\", error=\"insufficient_scope\""], false),

@@ -214,34 +214,43 @@ impl ClientCredentials {
     /// [`OAuth2ConfigBuilder::build`], whose errors name the variable.
     ///
     /// # Errors
-    /// - [`ErrorKind::MissingEnvVar`] naming the first variable that is unset, empty (after the
-    ///   line breaks are removed) or not Unicode.
+    /// - [`ErrorKind::MissingEnvVar`] naming the first variable that is unset or empty (after
+    ///   the line breaks are removed).
+    /// - [`ErrorKind::InvalidCredential`] naming the variable and the 1-based position of the
+    ///   first character outside printable ASCII when a value (or the file's content) is not
+    ///   UTF-8 at all (a Latin-1 export, say).
     /// - [`ErrorKind::InvalidEnvVar`] naming `NUVY_CLIENT_SECRET_FILE` when that file cannot be
-    ///   read as UTF-8 text.
+    ///   read.
     ///
     /// No value is ever shown.
     pub fn from_env() -> Result<Self, Error> {
         let client_id = read_required_env(CLIENT_ID_ENV_VAR)?;
         let (client_secret, client_secret_origin) = match read_required_env(CLIENT_SECRET_ENV_VAR) {
             Ok(secret) => (secret, CLIENT_SECRET_ENV_VAR),
-            Err(missing) => match std::env::var_os(CLIENT_SECRET_FILE_ENV_VAR) {
-                Some(path) if !path.is_empty() => {
-                    let content = std::fs::read_to_string(path).map_err(|_| {
-                        Error::new(ErrorKind::InvalidEnvVar {
-                            name: CLIENT_SECRET_FILE_ENV_VAR,
-                            expected: "the path of a readable UTF-8 file",
-                        })
-                    })?;
-                    let secret = trim_line_breaks(&content);
-                    if secret.is_empty() {
-                        return Err(Error::new(ErrorKind::MissingEnvVar {
-                            name: CLIENT_SECRET_FILE_ENV_VAR,
-                        }));
+            Err(missing) if matches!(missing.kind(), ErrorKind::MissingEnvVar { .. }) => {
+                match std::env::var_os(CLIENT_SECRET_FILE_ENV_VAR) {
+                    Some(path) if !path.is_empty() => {
+                        let content = std::fs::read(path).map_err(|_| {
+                            Error::new(ErrorKind::InvalidEnvVar {
+                                name: CLIENT_SECRET_FILE_ENV_VAR,
+                                expected: "the path of a readable file",
+                            })
+                        })?;
+                        let content = String::from_utf8(content).map_err(|error| {
+                            not_printable_ascii(error.as_bytes(), CLIENT_SECRET_FILE_ENV_VAR)
+                        })?;
+                        let secret = trim_line_breaks(&content);
+                        if secret.is_empty() {
+                            return Err(Error::new(ErrorKind::MissingEnvVar {
+                                name: CLIENT_SECRET_FILE_ENV_VAR,
+                            }));
+                        }
+                        (secret.to_owned(), CLIENT_SECRET_FILE_ENV_VAR)
                     }
-                    (secret.to_owned(), CLIENT_SECRET_FILE_ENV_VAR)
+                    _ => return Err(missing),
                 }
-                _ => return Err(missing),
-            },
+            }
+            Err(error) => return Err(error),
         };
         Ok(Self {
             client_id,
@@ -273,10 +282,33 @@ impl fmt::Debug for ClientCredentials {
 }
 
 fn read_required_env(name: &'static str) -> Result<String, Error> {
-    match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => Ok(trim_line_breaks(&value).to_owned()),
-        _ => Err(Error::new(ErrorKind::MissingEnvVar { name })),
+    let missing = || Error::new(ErrorKind::MissingEnvVar { name });
+    let value = std::env::var_os(name)
+        .ok_or_else(missing)?
+        .into_string()
+        .map_err(|value| not_printable_ascii(value.as_encoded_bytes(), name))?;
+    if value.trim().is_empty() {
+        return Err(missing());
     }
+    Ok(trim_line_breaks(&value).to_owned())
+}
+
+const NOT_PRINTABLE_ASCII: &str =
+    "has a character outside printable ASCII (%x20-7E, RFC 6749 Appendix A)";
+
+/// The error for a credential that is not even UTF-8: its first byte outside %x20-7E is named
+/// by position (every byte before it is one ASCII character, so bytes and characters count
+/// alike there).
+fn not_printable_ascii(bytes: &[u8], setting: &'static str) -> Error {
+    let index = bytes
+        .iter()
+        .position(|byte| !(0x20..=0x7e).contains(byte))
+        .unwrap_or(0);
+    Error::new(ErrorKind::InvalidCredential {
+        setting,
+        position: Some(index + 1),
+        reason: NOT_PRINTABLE_ASCII,
+    })
 }
 
 /// Removes trailing `\r` and `\n` only: every other character is part of the value.
@@ -299,7 +331,7 @@ pub(crate) fn check_credential(value: &str, setting: &'static str) -> Result<(),
         Some(index) => Err(Error::new(ErrorKind::InvalidCredential {
             setting,
             position: Some(index + 1),
-            reason: "has a character outside printable ASCII (%x20-7E, RFC 6749 Appendix A)",
+            reason: NOT_PRINTABLE_ASCII,
         })),
         None => Ok(()),
     }
@@ -439,23 +471,33 @@ impl fmt::Debug for Endpoint {
 }
 
 /// A URL as `Debug` may show it: userinfo and query replaced by `<redacted>`, since either may
-/// carry a credential (`https://user:pass@host/token`, `?api_key=`). Text that is not a URL is
-/// redacted whole.
+/// carry a credential (`https://user:pass@host/token`, `?api_key=`). Everything up to the last
+/// `@` counts as userinfo, wherever it is: a password written with an unencoded `/`, `?` or
+/// `#` (`https://user:pa/ss@host`) ends the authority early. Text that does not start with a
+/// URI scheme and `://` is redacted whole.
 pub(crate) fn redacted_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<redacted>".to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let host = match authority.rfind('@') {
-        Some(at) => format!("<redacted>@{}", &authority[at + 1..]),
-        None => authority.to_owned(),
+    // RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
+    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"+-.".contains(&byte));
+    if !is_scheme {
+        return "<redacted>".to_owned();
+    }
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => ("<redacted>@", &rest[at + 1..]),
+        None => ("", rest),
     };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (host, tail) = rest.split_at(authority_end);
     let path = match tail.find(['?', '#']) {
         Some(query) => format!("{}?<redacted>", &tail[..query]),
         None => tail.to_owned(),
     };
-    format!("{scheme}://{host}{path}")
+    format!("{scheme}://{userinfo}{host}{path}")
 }
 
 /// Whether a URI host (as [`Uri::host`] gives it, IPv6 in brackets) is loopback by itself,
@@ -634,7 +676,8 @@ impl OAuth2ConfigBuilder {
     /// Allows the bearer token on requests to one more origin (RFC 6454: scheme, host and port;
     /// a default port when the URL has none), given as an absolute `https` URL (`http` only with
     /// [`allow_insecure_http`](Self::allow_insecure_http)); its path, query and userinfo are
-    /// ignored. Call once per origin.
+    /// ignored. Call once per origin. An IPv6 literal matches any spelling of the same address
+    /// (`[::1]`, `[0:0::1]`).
     ///
     /// By default the token goes only to the origin of the token endpoint, which is where the
     /// Nuvy API lives (`https://prd.api.nuvy.ai`, `https://qa.api.nuvy.ai`). A request to any
@@ -675,12 +718,16 @@ impl OAuth2ConfigBuilder {
     ///   Appendix A), a line break included; a `:` in the `client_id` with
     ///   [`ClientAuthentication::BasicRaw`] (RFC 7617 §2: it can never authenticate).
     /// - [`ErrorKind::InvalidConfig`]: a token endpoint that is not an absolute `http`/`https`
-    ///   URL, or that has userinfo (`user:password@`, RFC 9110 §4.2.4); a `scope` that is empty or breaks the RFC 6749 §3.3
+    ///   URL, that has userinfo (`user:password@`, RFC 9110 §4.2.4) or an `@` anywhere else
+    ///   (a password with an unencoded `/`, `?` or `#`; write a literal `@` as `%40`), or a
+    ///   port that is not a number from 0 to 65535; a `scope` that is empty or breaks the RFC 6749 §3.3
     ///   grammar; an empty `audience`; a `resource` that is not an absolute URI (RFC 8707 §2);
     ///   an extra parameter with an empty name or that would override `grant_type`,
     ///   `client_id`, `client_secret`, `scope`, `audience` or `resource`.
     /// - [`ErrorKind::InvalidConfig`] too for an [`allow_origin`](Self::allow_origin) URL that
-    ///   is not an absolute `http`/`https` URL with a host.
+    ///   is not an absolute `http`/`https` URL with a host, whose port is not a number from 0
+    ///   to 65535, or with an `@` after its host; and for a [`proxy`](Self::proxy) URL with
+    ///   either fault.
     /// - [`ErrorKind::SettingOutOfRange`] naming the setting: a token request timeout outside
     ///   1 ms to 10 min, a body cap outside 1 byte to 16 MiB.
     /// - [`ErrorKind::InsecureScheme`]: an `http` token endpoint or allowed origin without
@@ -694,12 +741,20 @@ impl OAuth2ConfigBuilder {
             credentials.client_secret.expose_secret(),
             credentials.client_secret_origin,
         )?;
-        if credentials.client_id.trim().is_empty() {
-            return Err(Error::new(ErrorKind::InvalidCredential {
-                setting: credentials.client_id_origin,
-                position: None,
-                reason: "is blank",
-            }));
+        for (value, setting) in [
+            (credentials.client_id.as_str(), credentials.client_id_origin),
+            (
+                credentials.client_secret.expose_secret(),
+                credentials.client_secret_origin,
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(Error::new(ErrorKind::InvalidCredential {
+                    setting,
+                    position: None,
+                    reason: "is blank (only spaces)",
+                }));
+            }
         }
         if let Some(scope) = &self.scope {
             check_scope(scope)?;
@@ -775,15 +830,22 @@ impl OAuth2ConfigBuilder {
         if token_endpoint.host().is_none_or(str::is_empty) {
             return invalid("token endpoint has no host");
         }
-        if token_endpoint
-            .authority()
-            .is_some_and(|authority| authority.as_str().contains('@'))
-        {
+        if url.contains('@') {
             // RFC 9110 §4.2.4: never sent in a request target; and transports log authorities.
+            // An `@` after the authority is refused too: it is most likely a password with an
+            // unencoded `/`, `?` or `#` (`https://user:pa/ss@host`), which `http` reads as host
+            // `user` and a path, and which would then be shown in errors and logs.
             return invalid(
                 "token endpoint URL has userinfo (user:password@), which RFC 9110 §4.2.4 forbids \
-                 in a request; give the credentials with ClientCredentials",
+                 in a request, or an '@' elsewhere (write it as %40); give the credentials with \
+                 ClientCredentials",
             );
+        }
+        if !token_endpoint
+            .authority()
+            .is_some_and(|authority| crate::origin::port_is_valid(authority.as_str()))
+        {
+            return invalid("token endpoint URL has a port that is not a number from 0 to 65535");
         }
         let mut extra_origins = Vec::with_capacity(self.allowed_origins.len());
         for url in &self.allowed_origins {
@@ -792,6 +854,15 @@ impl OAuth2ConfigBuilder {
                     "an allowed origin is not a valid URL".to_owned(),
                 ))
             })?;
+            if crate::origin::has_at_outside_authority(url, &uri) {
+                // A password with an unencoded `/`, `?` or `#` (`https://user:pa/ss@host`):
+                // `http` would read host `user`, and the origin would name part of it.
+                return invalid(
+                    "an allowed origin URL has an '@' after its host (a password with an \
+                     unencoded '/', '?' or '#'?); give the origin alone, e.g. \
+                     https://api.example:8443",
+                );
+            }
             if uri
                 .scheme_str()
                 .is_some_and(|s| s.eq_ignore_ascii_case("http"))

@@ -8,17 +8,21 @@
 //! the request URI's parts with a short list in place, without allocating.
 
 use std::fmt;
+use std::net::Ipv6Addr;
 
 use http::uri::Scheme;
 use http::Uri;
 
 use crate::error::{Error, ErrorKind};
 
-/// One allowed origin. `host` is lowercase, as [`Uri::host`] gives it (IPv6 in brackets).
+/// One allowed origin. `host` is lowercase, as [`Uri::host`] gives it (IPv6 in brackets, in
+/// its canonical RFC 5952 text).
 #[derive(Clone, PartialEq, Eq)]
 struct Origin {
     https: bool,
     host: Box<str>,
+    /// The address when `host` is an IPv6 literal: `[::1]` and `[0:0::1]` are one host.
+    ipv6: Option<Ipv6Addr>,
     port: u16,
     /// The authorities that name this origin as URIs usually write it, precomputed for the
     /// fast path: `host:port`, and `host` alone when the port is the scheme's default.
@@ -59,14 +63,16 @@ impl AllowedOrigins {
     /// ignored), without duplicates.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidConfig`] for a URL that is not absolute `http`/`https` with a host;
-    /// the URL is not echoed (it may hold userinfo).
+    /// [`ErrorKind::InvalidConfig`] for a URL that is not absolute `http`/`https` with a host
+    /// and, when it has one, a port from 0 to 65535; the URL is not echoed (it may hold
+    /// userinfo).
     pub(crate) fn from_urls<'a>(urls: impl IntoIterator<Item = &'a Uri>) -> Result<Self, Error> {
         let mut origins: Vec<Origin> = Vec::new();
         for uri in urls {
             let origin = origin_of(uri).ok_or_else(|| {
                 Error::new(ErrorKind::InvalidConfig(
-                    "an allowed origin must be an absolute http or https URL with a host"
+                    "an allowed origin must be an absolute http or https URL with a host (and \
+                     a port from 0 to 65535 if it has one)"
                         .to_owned(),
                 ))
             })?;
@@ -81,7 +87,9 @@ impl AllowedOrigins {
 
     /// Whether a request for `uri` may carry the token:
     /// - an absolute `http`/`https` URI: only if its origin (scheme, host, port; default port
-    ///   80 or 443 when absent; case-insensitive host) is in the set;
+    ///   80 or 443 when absent; case-insensitive host; IPv6 literals compared as addresses) is
+    ///   in the set; a port that is not a number from 0 to 65535 (`host:abc`, `host:65979`,
+    ///   which `http` parses as "no port") is refused, never read as the default port;
     /// - a URI with neither scheme nor authority (tonic's `/package.Service/Method`, or `*`):
     ///   yes; the transport below chose where it connects and is trusted with it;
     /// - anything else (another scheme, an authority without a scheme): no.
@@ -128,10 +136,22 @@ impl AllowedOrigins {
         } else {
             return Err(self.refused(uri));
         };
+        if !uri
+            .authority()
+            .is_some_and(|authority| port_is_valid(authority.as_str()))
+        {
+            return Err(self.refused(uri));
+        }
         let host = uri.host().unwrap_or_default();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let ipv6 = ipv6_of(host);
         let allowed = self.origins.iter().any(|origin| {
-            origin.https == https && origin.port == port && origin.host.eq_ignore_ascii_case(host)
+            origin.https == https
+                && origin.port == port
+                && match ipv6 {
+                    Some(ip) => origin.ipv6 == Some(ip),
+                    None => origin.host.eq_ignore_ascii_case(host),
+                }
         });
         if allowed {
             Ok(())
@@ -147,8 +167,14 @@ impl AllowedOrigins {
             None => {
                 let scheme = uri.scheme_str().unwrap_or("(no scheme)");
                 let host = uri.host().unwrap_or("(no host)");
+                let port_valid = uri
+                    .authority()
+                    .is_none_or(|authority| port_is_valid(authority.as_str()));
                 match uri.port_u16() {
                     Some(port) => format!("{scheme}://{host}:{port}"),
+                    // The port text is not shown: it may be part of a password whose
+                    // unencoded `/` ended the authority early.
+                    None if !port_valid => format!("{scheme}://{host}:(invalid port)"),
                     None => format!("{scheme}://{host}"),
                 }
             }
@@ -159,7 +185,42 @@ impl AllowedOrigins {
     }
 }
 
-/// The origin of an absolute `http`/`https` URI with a host.
+/// Whether the port of an authority (`[userinfo@]host[:port]`), when written, is a number
+/// from 0 to 65535 (RFC 3986 §3.2.3 `port = *DIGIT`; an empty port means the default). `http`
+/// accepts any text there (`host:abc`, `host:65979`) and then reports no port at all, which
+/// must not be read as the scheme's default port.
+pub(crate) fn port_is_valid(authority: &str) -> bool {
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host_port)| host_port);
+    let port = match host_port.rfind(']') {
+        Some(end) => host_port[end + 1..].strip_prefix(':'),
+        None => host_port.split_once(':').map(|(_, port)| port),
+    };
+    match port {
+        None | Some("") => true,
+        Some(port) => port.bytes().all(|byte| byte.is_ascii_digit()) && port.parse::<u16>().is_ok(),
+    }
+}
+
+/// Whether `url` (the text `uri` was parsed from) has an `@` outside the authority `http`
+/// found: a password written with an unencoded `/`, `?` or `#` (`https://user:pa/ss@host`),
+/// which `http` reads as host `user` and the rest as a path, so that the host, port or path
+/// shown in errors and `Debug` would hold part of the password.
+pub(crate) fn has_at_outside_authority(url: &str, uri: &Uri) -> bool {
+    let in_authority = uri
+        .authority()
+        .map_or(0, |authority| authority.as_str().matches('@').count());
+    url.matches('@').count() > in_authority
+}
+
+/// The address of an IPv6 literal host (`[::1]`, as [`Uri::host`] gives it); `None` for any
+/// other host, a zone identifier included.
+fn ipv6_of(host: &str) -> Option<Ipv6Addr> {
+    host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// The origin of an absolute `http`/`https` URI with a host and a valid port, if any.
 fn origin_of(uri: &Uri) -> Option<Origin> {
     let scheme = uri.scheme_str()?;
     let https = if scheme.eq_ignore_ascii_case("https") {
@@ -169,10 +230,15 @@ fn origin_of(uri: &Uri) -> Option<Origin> {
     } else {
         return None;
     };
-    let host = uri
-        .host()
-        .filter(|host| !host.is_empty())?
-        .to_ascii_lowercase();
+    if !port_is_valid(uri.authority()?.as_str()) {
+        return None;
+    }
+    let host = uri.host().filter(|host| !host.is_empty())?;
+    let ipv6 = ipv6_of(host);
+    let host = match ipv6 {
+        Some(ip) => format!("[{ip}]"),
+        None => host.to_ascii_lowercase(),
+    };
     let default_port = if https { 443 } else { 80 };
     let port = uri.port_u16().unwrap_or(default_port);
     Some(Origin {
@@ -180,6 +246,7 @@ fn origin_of(uri: &Uri) -> Option<Origin> {
         authority_with_port: format!("{host}:{port}").into_boxed_str(),
         authority_without_port: (port == default_port).then(|| host.clone().into_boxed_str()),
         host: host.into_boxed_str(),
+        ipv6,
         port,
     })
 }
@@ -220,6 +287,30 @@ mod tests {
             ("http://[::1]:9000/x", true),
             ("/package.Service/Method", true),
             ("*", true),
+            // Other spellings of an allowed origin.
+            ("https://prd.api.nuvy.ai:0443/v1/ping", true),
+            ("https://prd.api.nuvy.ai:/v1/ping", true),
+            ("https://@prd.api.nuvy.ai/v1/ping", true),
+            ("http://[0:0:0:0:0:0:0:1]:9000/x", true),
+            ("http://[0::0001]:9000/x", true),
+            ("HTTP://127.0.0.1:08080/v1/ping", true),
+            // A port that is not a TCP port is not the default port.
+            ("https://prd.api.nuvy.ai:65979/v1/ping", false),
+            ("https://prd.api.nuvy.ai:65536/v1/ping", false),
+            (
+                "https://prd.api.nuvy.ai:99999999999999999999/v1/ping",
+                false,
+            ),
+            ("https://prd.api.nuvy.ai:abc/v1/ping", false),
+            ("https://prd.api.nuvy.ai:443x/v1/ping", false),
+            ("https://prd.api.nuvy.ai:+443/v1/ping", false),
+            ("https://user:pass@prd.api.nuvy.ai:pass/v1/ping", false),
+            ("http://[::1]:9000x/x", false),
+            ("http://[::1]:x/x", false),
+            // IPv6 addresses that are not the allowed one, or not plainly an address.
+            ("http://[::ffff:127.0.0.1]:9000/x", false),
+            ("http://[::1%25lo]:9000/x", false),
+            ("http://[0:0:0:0:0:0:0:2]:9000/x", false),
             // Other origins.
             ("http://prd.api.nuvy.ai/v1/ping", false),
             ("https://prd.api.nuvy.ai:8443/v1/ping", false),
@@ -272,6 +363,16 @@ mod tests {
                 "https://u:p@evil.example:8443/",
                 "https://evil.example:8443",
             ),
+            // The port text is never echoed (it may be half of a password).
+            (
+                "https://user:pa/ss@prd.api.nuvy.ai/",
+                "https://user:(invalid port)",
+            ),
+            (
+                "https://prd.api.nuvy.ai:65979/x",
+                "https://prd.api.nuvy.ai:(invalid port)",
+            ),
+            ("http://[0::1]:80/", "http://[::1]:80"),
         ] {
             let error = allowed.check(&uri.parse().unwrap()).unwrap_err();
             assert_eq!(
@@ -283,6 +384,16 @@ mod tests {
         }
         assert!(AllowedOrigins::from_urls(&["/relative".parse().unwrap()]).is_err());
         assert!(AllowedOrigins::from_urls(&["ftp://x.example".parse().unwrap()]).is_err());
+        for invalid_port in [
+            "https://x.example:99999",
+            "https://x.example:abc",
+            "http://[::1]:1x",
+        ] {
+            assert!(
+                AllowedOrigins::from_urls(&[invalid_port.parse().unwrap()]).is_err(),
+                "{invalid_port}"
+            );
+        }
         assert_eq!(
             format!(
                 "{:?}",

@@ -74,6 +74,21 @@ fn credentials_outside_printable_ascii_are_refused_naming_setting_and_position()
             assert!(!text.contains("s3c"), "{text}");
         }
     }
+    // Only spaces: printable, but blank, in either value.
+    for (id, secret, setting) in [
+        ("id", " ", "client_secret"),
+        ("id", "    ", "client_secret"),
+        ("   ", "secret", "client_id"),
+    ] {
+        let error = build(id, secret, None).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(
+                error.kind(),
+                ErrorKind::InvalidCredential { setting: named, position: None, .. } if *named == setting
+            ),
+            "{id:?}/{secret:?}: {error:?}"
+        );
+    }
     // Every printable ASCII character is fine, in both values, in every style but BasicRaw's
     // colon rule.
     let printable: String = (0x20u8..=0x7e).map(char::from).collect();
@@ -256,5 +271,42 @@ async fn trailing_line_breaks_from_the_environment_or_a_file_are_removed() {
             ..
         }
     ));
+    // A value that is not even UTF-8 (a Latin-1 export) is a character outside printable
+    // ASCII too: named by variable and position, not reported as "not set".
+    #[cfg(unix)]
+    {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let invalid_credential = |error: nuvy_oauth2::Error| match error.kind() {
+            ErrorKind::InvalidCredential {
+                setting, position, ..
+            } => {
+                assert!(!format!("{error} {error:?}").contains("s3c"), "{error}");
+                (*setting, *position)
+            }
+            other => panic!("{other:?}"),
+        };
+        std::env::remove_var("NUVY_CLIENT_SECRET_FILE");
+        std::env::set_var("NUVY_CLIENT_SECRET", OsStr::from_bytes(b"s3c\xe9ret"));
+        assert_eq!(
+            invalid_credential(ClientCredentials::from_env().unwrap_err()),
+            ("NUVY_CLIENT_SECRET", Some(4))
+        );
+        std::env::remove_var("NUVY_CLIENT_SECRET");
+        let file = dir.join("latin1");
+        std::fs::write(&file, b"s3cr\xe9t\n").unwrap();
+        std::env::set_var("NUVY_CLIENT_SECRET_FILE", &file);
+        assert_eq!(
+            invalid_credential(ClientCredentials::from_env().unwrap_err()),
+            ("NUVY_CLIENT_SECRET_FILE", Some(5))
+        );
+        std::env::set_var("NUVY_CLIENT_ID", OsStr::from_bytes(b"\xffid"));
+        assert_eq!(
+            invalid_credential(ClientCredentials::from_env().unwrap_err()),
+            ("NUVY_CLIENT_ID", Some(1))
+        );
+        std::env::remove_var("NUVY_CLIENT_SECRET_FILE");
+        std::env::remove_var("NUVY_CLIENT_ID");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -141,6 +141,13 @@ async fn a_direct_request_to_another_origin_fails_before_anything_is_sent() {
         ("/relative", true),
         ("ftp://x.example", true),
         ("http://x.example", false),
+        // A port that is not a TCP port (`http` parses it as "no port", i.e. the default).
+        ("https://x.example:65536", false),
+        ("https://x.example:99999999999999999999", false),
+        ("https://x.example:abc/", false),
+        // A password with an unencoded '/' or '#': `http` would read host `user`, port 1.
+        ("https://user:1/pass@x.example", false),
+        ("https://user:1#pass@x.example", false),
     ] {
         let error = config_builder(&api_server)
             .allow_insecure_http(insecure)
@@ -178,4 +185,46 @@ async fn with_redirects_followed_inside_the_auth_layer_the_other_origin_gets_no_
     assert!(api_server.last_api_authorization().is_some());
     assert_eq!(other.api_requests(), 1);
     assert!(other.last_api_authorization().is_none());
+}
+
+#[test]
+fn a_token_endpoint_with_an_invalid_port_or_an_at_after_its_host_is_refused() {
+    let credentials = || nuvy_oauth2::ClientCredentials::new("id", "secret");
+    for url in [
+        "https://auth.example:65536/token",
+        "https://auth.example:99999999999999999999/token",
+        "https://auth.example:abc/token",
+        "https://auth.example:443x/token",
+        "https://user:1/Pw9z@auth.example/token",
+        "https://user:1?Pw9z@auth.example/token",
+        "https://user:1#Pw9z@auth.example/token",
+        "https://user:Pw/9z@auth.example/token",
+        "https://auth.example/tenant@x/token",
+    ] {
+        let error = OAuth2Config::builder(credentials())
+            .token_endpoint(url)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(error.kind(), ErrorKind::InvalidConfig(_)),
+            "{url}: {error:?}"
+        );
+        let text = format!("{error} {error:?}");
+        assert!(
+            !text.contains("Pw9z") && !text.contains("Pw/") && !text.contains("abc"),
+            "{text}"
+        );
+    }
+    for url in [
+        "https://auth.example:443/token",
+        "https://auth.example:0443/token",
+        "https://auth.example:/token",
+        "https://AUTH.example:8443/token",
+        "https://[::1]:8443/token",
+    ] {
+        OAuth2Config::builder(credentials())
+            .token_endpoint(url)
+            .build()
+            .unwrap_or_else(|error| panic!("{url}: {error}"));
+    }
 }

@@ -159,6 +159,35 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
         "{error}"
     );
     print(format!("{error} {error:?}"));
+    // A password written with an unencoded '/', '?' or '#' ends the authority early (`http`
+    // reads host `user` and port MARKER): refused wherever a URL is given, and `Debug` of the
+    // builder shows nothing up to the last '@'.
+    for password in [
+        format!("{MARKER}/{MARKER}"),
+        format!("{MARKER}?{MARKER}"),
+        format!("{MARKER}#{MARKER}"),
+        format!("1/{MARKER}"),
+    ] {
+        let url = format!("https://user:{password}@auth.example:8443/oauth2/token");
+        let base = || {
+            OAuth2Config::builder(ClientCredentials::new(server.client_id(), SECRET))
+                .token_endpoint(server.token_endpoint())
+                .allow_insecure_http(true)
+        };
+        for builder in [
+            base().token_endpoint(&url),
+            base().allow_origin(&url),
+            base().proxy(url.replace("https:", "http:")),
+        ] {
+            print(format!("{builder:?}"));
+            let error = builder.build().unwrap_err();
+            assert!(
+                matches!(error.kind(), ErrorKind::InvalidConfig(_)),
+                "{password}: {error}"
+            );
+            print(format!("{error} {error:?}"));
+        }
+    }
     let marked_builder = marked_builder.token_endpoint(format!(
         "http://{}/oauth2/token?key={MARKER}",
         server.addr()

@@ -263,3 +263,62 @@ async fn the_advice_of_a_rejection_fits_its_rfc_6749_error_code() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_gzipped_oversized_or_cut_off_error_page_keeps_its_status_and_retry_after() {
+    let gzip = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03junk".to_vec();
+    let huge = vec![b'x'; nuvy_oauth2::DEFAULT_MAX_TOKEN_RESPONSE_BYTES + 1];
+    // (status, Content-Encoding, body): the status and Retry-After are the whole answer.
+    let cases: Vec<(u16, Option<&str>, Vec<u8>)> = vec![
+        (503, Some("gzip"), gzip.clone()),
+        (429, Some("br"), gzip.clone()),
+        (408, Some("gzip"), gzip.clone()),
+        (502, Some("deflate"), gzip.clone()),
+        (503, None, huge.clone()),
+        (429, Some("gzip"), huge),
+    ];
+    for (status, encoding, body) in cases {
+        let server = server(Duration::from_secs(60)).await;
+        let mut reply = ScriptedResponse::status(status)
+            .header("retry-after", "120")
+            .body(body);
+        if let Some(encoding) = encoding {
+            reply = reply.header("content-encoding", encoding);
+        }
+        server.push_token_response(reply);
+        let layer = layer(&server);
+        let api = api(&layer);
+        let url = server.api_url("/v1/ping");
+        let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+        let error = crate_error(&error);
+        assert!(
+            matches!(error.kind(), ErrorKind::UnexpectedStatus { status: got, .. } if got.as_u16() == status),
+            "{status} {encoding:?}: {error:?}"
+        );
+        let retry_after = error.retry_after().unwrap();
+        assert!(
+            retry_after > Duration::from_secs(119) && retry_after <= Duration::from_secs(120),
+            "{status} {encoding:?}: {retry_after:?}"
+        );
+        tokio::time::advance(Duration::from_secs(118)).await;
+        assert!(status_of(api.clone(), get(&url)).await.is_err());
+        assert_eq!(server.token_requests(), 1, "{status} {encoding:?}");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(status_of(api, get(&url)).await.unwrap(), StatusCode::OK);
+    }
+    // A 4xx body is read (its `error` may be a rejection), so a coding there is still named.
+    let server = server(Duration::from_secs(60)).await;
+    server.push_token_response(
+        ScriptedResponse::json(403, "")
+            .body(gzip)
+            .header("content-encoding", "gzip"),
+    );
+    let layer = layer(&server);
+    let error = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        crate_error(&error).kind(),
+        ErrorKind::UnexpectedContentEncoding { encoding, .. } if encoding == "gzip"
+    ));
+}

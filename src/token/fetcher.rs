@@ -16,7 +16,9 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
 use super::request::TokenRequestTemplate;
-use super::response::{parse_token_response, retry_after_delay, unexpected_content_encoding};
+use super::response::{
+    body_is_ignored, parse_token_response, retry_after_delay, unexpected_content_encoding,
+};
 use crate::config::OAuth2Config;
 use crate::error::{Error, ErrorKind};
 use crate::origin::AllowedOrigins;
@@ -157,14 +159,16 @@ impl TokenFetcher {
             let arrived = Instant::now();
             let (parts, body) = response.into_parts();
             let retry_after = retry_after_delay(&parts.headers, std::time::SystemTime::now());
-            let body =
-                read_capped(body, self.max_body_bytes)
-                    .await
-                    .map_err(|error| match error {
-                        ReadError::TooLarge(error) => error,
-                        ReadError::Transport(error) => self.transport_error(error),
-                    })?;
-            if !body.is_empty() {
+            // A 503 or 429 means its status (and Retry-After) whatever its body: a gzipped,
+            // oversized or cut-off error page must not turn it into another error.
+            let ignored = body_is_ignored(parts.status);
+            let body = match read_capped(body, self.max_body_bytes).await {
+                Ok(body) => body,
+                Err(_) if ignored => Vec::new(),
+                Err(ReadError::TooLarge(error)) => return Err(error),
+                Err(ReadError::Transport(error)) => return Err(self.transport_error(error)),
+            };
+            if !ignored && !body.is_empty() {
                 if let Some(encoding) = unexpected_content_encoding(&parts.headers) {
                     return Err(Error::new(ErrorKind::UnexpectedContentEncoding {
                         status: parts.status,

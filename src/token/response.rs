@@ -100,6 +100,17 @@ pub(crate) fn unexpected_content_encoding(headers: &HeaderMap) -> Option<String>
         .map(|coding| sanitize_server_text(&coding))
 }
 
+/// Whether the body of a token response with this status carries no meaning: a 3xx, 5xx, 408
+/// or 429 is an [`ErrorKind::UnexpectedStatus`] whatever it holds, so neither its content
+/// coding nor its size nor a failure while reading it may hide the status and its
+/// `Retry-After`.
+pub(crate) fn body_is_ignored(status: StatusCode) -> bool {
+    let read_for_an_error_code = status.is_client_error()
+        && status != StatusCode::TOO_MANY_REQUESTS
+        && status != StatusCode::REQUEST_TIMEOUT;
+    !status.is_success() && !read_for_an_error_code
+}
+
 /// Turns a complete token response into a grant or a typed error. `retry_after` is the
 /// delay [`retry_after_delay`] read from the headers, counted from when the response arrived.
 pub(crate) fn parse_token_response(
@@ -116,10 +127,7 @@ pub(crate) fn parse_token_response(
     }
     if !status.is_success() {
         if let Some(json) = json.as_ref().filter(|json| error_code(json).is_some()) {
-            if status.is_client_error()
-                && status != StatusCode::TOO_MANY_REQUESTS
-                && status != StatusCode::REQUEST_TIMEOUT
-            {
+            if !body_is_ignored(status) {
                 return Err(rejected(status, Some(json)));
             }
         }

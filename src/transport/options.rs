@@ -38,6 +38,17 @@ impl ProxyUrl {
             )))
         };
         let uri: Uri = url.parse().map_err(|_| invalid("is not a valid URL"))?;
+        if crate::origin::has_at_outside_authority(url, &uri) {
+            return Err(invalid(
+                "has an '@' after its host (percent-encode '/', '?', '#' and '@' in a password)",
+            ));
+        }
+        if !uri
+            .authority()
+            .is_some_and(|authority| crate::origin::port_is_valid(authority.as_str()))
+        {
+            return Err(invalid("has a port that is not a number from 0 to 65535"));
+        }
         match uri.scheme_str() {
             None | Some("http") => {}
             Some(_) => {
