@@ -317,8 +317,9 @@ pub(crate) fn trim_line_breaks(value: &str) -> &str {
 }
 
 /// RFC 6749 Appendix A.1/A.2: `client_id` and `client_secret` are `*VSCHAR` (%x20-7E).
-/// Refuses an empty value, and names the 1-based position of the first character outside that
-/// range; never the value.
+/// Refuses an empty value, names the 1-based position of the first character outside that
+/// range, and refuses a blank value (only spaces: no issuer makes one, an unfilled template
+/// does); never shows the value.
 pub(crate) fn check_credential(value: &str, setting: &'static str) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::new(ErrorKind::InvalidCredential {
@@ -332,6 +333,11 @@ pub(crate) fn check_credential(value: &str, setting: &'static str) -> Result<(),
             setting,
             position: Some(index + 1),
             reason: NOT_PRINTABLE_ASCII,
+        })),
+        None if value.trim().is_empty() => Err(Error::new(ErrorKind::InvalidCredential {
+            setting,
+            position: None,
+            reason: "is blank (only spaces)",
         })),
         None => Ok(()),
     }
@@ -741,21 +747,6 @@ impl OAuth2ConfigBuilder {
             credentials.client_secret.expose_secret(),
             credentials.client_secret_origin,
         )?;
-        for (value, setting) in [
-            (credentials.client_id.as_str(), credentials.client_id_origin),
-            (
-                credentials.client_secret.expose_secret(),
-                credentials.client_secret_origin,
-            ),
-        ] {
-            if value.trim().is_empty() {
-                return Err(Error::new(ErrorKind::InvalidCredential {
-                    setting,
-                    position: None,
-                    reason: "is blank (only spaces)",
-                }));
-            }
-        }
         if let Some(scope) = &self.scope {
             check_scope(scope)?;
         }
