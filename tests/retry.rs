@@ -235,3 +235,37 @@ async fn non_401_responses_are_never_retried() {
     assert_ne!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(layer.token_cache().unauthorized_retries(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_401_that_ends_a_rejection_backoff_causes_exactly_one_refresh() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.reject_all_api_requests(true);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    // The first token is rejected and replayed; the second, rejected too, starts the backoff.
+    assert_eq!(
+        status_of(api.clone(), get(&url)).await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(server.token_requests(), 2);
+    // Until the backoff ends, 401s come back as they are, without a token request.
+    tokio::time::advance(nuvy_oauth2::REJECTED_GENERATION_BACKOFF - Duration::from_millis(1)).await;
+    status_of(api.clone(), get(&url)).await.unwrap();
+    assert_eq!(server.token_requests(), 2);
+    assert_eq!(
+        layer.token_cache().status().generation,
+        2,
+        "the token is kept"
+    );
+    // At the end of the backoff, a burst of 401s brings one new token.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let mut calls = JoinSet::new();
+    for _ in 0..10 {
+        calls.spawn(status_of(api.clone(), get(&url)));
+    }
+    while let Some(result) = calls.join_next().await {
+        result.unwrap().unwrap();
+    }
+    assert_eq!(server.token_requests(), 3);
+}

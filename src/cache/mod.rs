@@ -4,15 +4,20 @@
 //!   phase; the service's own copy) or one more lock-free `ArcSwap` load (a service that holds
 //!   no copy yet), and a coarse clock read (about 3 ns) instead of a full one: per-generation
 //!   phase timers mark the refresh-ahead and refresh points. No lock, no allocation. Every
-//!   change of the current token is published from one place, `TokenCache::publish`.
-//! - **Single flight** ([`refresh`]): at most one token request is in flight per cache. It runs
-//!   in a spawned task, so dropping any caller (the one that started it included) neither
-//!   cancels nor stalls it; its outcome, success or shared [`Error`], reaches every waiter.
-//! - **Generations**: every token gets a number; a 401 invalidates only the generation it was
-//!   answered for ([`TokenCache::invalidate`]).
+//!   change of the current token goes through one place, `TokenCache::set_current`, which
+//!   publishes it (`TokenCache::publish`).
+//! - **Single flight** ([`refresh`]): a small state machine (`Idle`, `InFlight`, `BackingOff`,
+//!   `Paused`) with named transitions; at most one token request is in flight per cache, and
+//!   only the current flight writes its outcome. It runs in a spawned task, so dropping any
+//!   caller (the one that started it included) neither cancels nor stalls it; its outcome,
+//!   success or shared [`Error`], reaches every waiter.
+//! - **Generations**: every token gets a number, and numbers only grow; a 401 invalidates only
+//!   the generation it was answered for ([`TokenCache::invalidate`]); 401 storms are bounded by
+//!   backoff on consecutive rejected generations.
 //! - **Refresh-ahead**: after about 75 % of the lifetime the first request to notice starts a
-//!   background refresh while everyone keeps using the current token; callers wait only inside
-//!   the refresh margin or with no token at all.
+//!   background refresh while everyone keeps using the current token; after a failure the next
+//!   request past the backoff tries again; callers wait only inside the refresh margin or with
+//!   no token at all.
 
 mod backoff;
 mod refresh;
