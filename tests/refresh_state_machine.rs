@@ -243,3 +243,67 @@ async fn refresh_ahead_tries_again_after_a_failure_so_nobody_waits() {
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_ne!(server.last_api_authorization().unwrap(), first);
 }
+
+#[test]
+fn a_refresh_whose_task_first_runs_at_its_deadline_sends_and_counts_nothing() {
+    let runtime = paused_runtime();
+    let server = runtime.block_on(server(Duration::from_secs(3600)));
+    let config = config_builder(&server)
+        .token_request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let layer = OAuth2Layer::new(config).unwrap();
+    let url = server.api_url("/v1/ping");
+    start_refresh_on(&runtime, &layer, &url);
+    runtime.block_on(async {
+        // The runtime comes back exactly at the refresh's deadline: its task gives up unsent.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let status = layer.token_cache().status();
+        assert_eq!(status.token_requests, 0);
+        assert_eq!(status.consecutive_failures, 1);
+        assert!(status.last_error.unwrap().is_timeout());
+        assert_eq!(server.token_requests(), 0);
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_refresh_point_and_the_expiry_are_exact_instants() {
+    // 600 s tokens: refresh point at 540 s (60 s margin), expiry at 600 s.
+    let server = server(Duration::from_secs(600)).await;
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    let cache = layer.token_cache();
+
+    tokio::time::advance(Duration::from_secs(540) - Duration::from_nanos(1)).await;
+    assert!(
+        cache.access_token().is_some(),
+        "usable until the refresh point"
+    );
+    tokio::time::advance(Duration::from_nanos(1)).await;
+    assert!(cache.access_token().is_none(), "not at the refresh point");
+    assert_eq!(cache.status().token_valid_for, None);
+    // From the refresh point on, a fresh service waits for a new token.
+    status_of(api.clone(), get(&url)).await.unwrap();
+    assert_eq!(server.token_requests(), 2);
+
+    // The second token is refreshed at 540 s too; there a failing refresh keeps serving it
+    // until, and not at, its expiry.
+    tokio::time::advance(Duration::from_secs(540)).await;
+    server.fail_next_token_requests(1, 503);
+    assert_eq!(
+        status_of(api.clone(), get(&url)).await.unwrap(),
+        http::StatusCode::OK
+    );
+    tokio::time::advance(Duration::from_secs(60)).await;
+    server.fail_next_token_requests(1, 503);
+    let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+    assert_eq!(
+        crate_error(&error).status(),
+        Some(http::StatusCode::SERVICE_UNAVAILABLE)
+    );
+}

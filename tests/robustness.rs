@@ -146,3 +146,53 @@ fn a_runtime_without_the_time_driver_gets_a_typed_error_not_a_panic() {
     ));
     let _ = started.poll();
 }
+
+/// A token transport over the embedded server whose first send fails with `first_error`.
+fn failing_once(
+    server: &NuvyServer,
+    first_error: std::io::ErrorKind,
+) -> (OAuth2Layer, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt as _;
+    let sends = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&sends);
+    let client = http_client();
+    let transport = tower::service_fn(move |request: nuvy_oauth2::TokenTransportRequest| {
+        let send = counted.fetch_add(1, Ordering::SeqCst);
+        let client = client.clone();
+        async move {
+            if send == 0 {
+                let error: tower::BoxError = Box::new(std::io::Error::from(first_error));
+                return Err(error);
+            }
+            client.oneshot(request).await.map_err(tower::BoxError::from)
+        }
+    });
+    let config = config_builder(server).build().unwrap();
+    let layer = OAuth2Layer::with_token_transport(config, transport).unwrap();
+    (layer, sends)
+}
+
+#[tokio::test]
+async fn a_connection_reset_before_any_response_byte_is_sent_once_more() {
+    let server = server(Duration::from_secs(3600)).await;
+    let (layer, sends) = failing_once(&server, std::io::ErrorKind::ConnectionReset);
+    let status = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sends.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(layer.token_cache().status().consecutive_failures, 0);
+}
+
+#[tokio::test]
+async fn other_transport_errors_are_not_sent_twice() {
+    let server = server(Duration::from_secs(3600)).await;
+    let (layer, sends) = failing_once(&server, std::io::ErrorKind::ConnectionRefused);
+    let error = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap_err();
+    assert!(matches!(crate_error(&error).kind(), ErrorKind::Transport));
+    assert_eq!(sends.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(server.token_requests(), 0);
+}
