@@ -301,9 +301,15 @@ async fn the_refresh_point_and_the_expiry_are_exact_instants() {
     );
     tokio::time::advance(Duration::from_secs(60)).await;
     server.fail_next_token_requests(1, 503);
+    let api_requests = server.api_requests();
     let error = status_of(api.clone(), get(&url)).await.unwrap_err();
     assert_eq!(
         crate_error(&error).status(),
         Some(http::StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(
+        server.api_requests(),
+        api_requests,
+        "the expired token was not sent"
     );
 }

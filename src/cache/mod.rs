@@ -512,6 +512,8 @@ impl TokenCache {
 
     /// Arms the next refresh-ahead attempt for `until` (a failed flight's backoff end).
     fn rearm_refresh_ahead(&self, until: Instant) {
+        // `NEVER - 1` keeps an armed value distinct from NEVER; `nanos_since_epoch` never
+        // reaches it (584 years), so `NEVER / 1` here is an equivalent mutant.
         let at = self.nanos_since_epoch(until).min(NEVER - 1);
         self.shared
             .refresh_ahead_retry_at
@@ -522,6 +524,8 @@ impl TokenCache {
     /// least `at`'s means `now >= at`).
     fn nanos_since_epoch(&self, at: Instant) -> u64 {
         let nanos = at.saturating_duration_since(self.shared.epoch).as_nanos();
+        // Only a moment 584 years after the cache's creation overflows: `NEVER / 1` in the
+        // fallback is an equivalent mutant.
         u64::try_from(nanos).unwrap_or(NEVER - 1)
     }
 
@@ -613,5 +617,139 @@ mod tests {
         assert!(token.usable(CLOCK, &cache));
         token.refresh_at = now;
         assert!(!token.usable(CLOCK, &cache));
+    }
+
+    /// A cache whose token endpoint is an in-process transport: the first request gets a token
+    /// of `lifetime_secs`, every later one a 503 with `Retry-After: 60`. Returns the cache and
+    /// the number of token requests sent.
+    fn cache_over_script(lifetime_secs: u64) -> (TokenCache, Arc<AtomicU64>) {
+        use bytes::Bytes;
+        use http_body_util::Full;
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&sent);
+        let transport = tower::service_fn(move |_request| {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                let response = if first {
+                    let body = format!(
+                        r#"{{"access_token":"t","token_type":"Bearer","expires_in":{lifetime_secs}}}"#
+                    );
+                    http::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                } else {
+                    http::Response::builder()
+                        .status(503)
+                        .header("retry-after", "60")
+                        .body(Full::new(Bytes::new()))
+                };
+                Ok::<_, std::convert::Infallible>(response.unwrap())
+            }
+        });
+        let config = OAuth2Config::builder(ClientCredentials::new("id", "secret"))
+            .token_endpoint("https://auth.example/token")
+            .build()
+            .unwrap();
+        let fetcher = TokenFetcher::with_transport(&config, transport).unwrap();
+        (TokenCache::new(fetcher), sent)
+    }
+
+    async fn first_token(cache: &TokenCache) -> LocalToken {
+        match cache.lookup(Instant::now()) {
+            Ok(Lookup::Wait(wait)) => wait.await.unwrap(),
+            _ => panic!("a cold cache waits for its first token"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookup_serves_the_token_until_its_refresh_point_and_claims_refresh_ahead_from_its_point(
+    ) {
+        let (cache, sent) = cache_over_script(1000);
+        let token = first_token(&cache).await;
+        let nanosecond = Duration::from_nanos(1);
+        assert!(matches!(
+            cache.lookup(token.refresh_ahead_at - nanosecond),
+            Ok(Lookup::Ready(_))
+        ));
+        assert!(
+            !cache.status().refresh_in_flight,
+            "no refresh-ahead before its point"
+        );
+        assert!(matches!(
+            cache.lookup(token.refresh_at - nanosecond),
+            Ok(Lookup::Ready(_))
+        ));
+        assert!(
+            cache.status().refresh_in_flight,
+            "refresh-ahead claimed past its point"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+        // The claim is one per token: no second background refresh on the next lookups.
+        assert!(matches!(
+            cache.lookup(token.refresh_at - nanosecond),
+            Ok(Lookup::Ready(_))
+        ));
+        assert!(!cache.status().refresh_in_flight);
+        // At the refresh point (the backoff long over): callers wait for a new token.
+        assert!(matches!(
+            cache.lookup(token.refresh_at),
+            Ok(Lookup::Wait(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_ahead_is_retried_exactly_at_the_end_of_its_backoff_without_locking_before(
+    ) {
+        let (cache, sent) = cache_over_script(3600);
+        let token = first_token(&cache).await;
+        // A refresh-ahead that fails with Retry-After: 60 s, from this very instant.
+        cache.start_refresh_ahead(token.generation);
+        tokio::task::yield_now().await;
+        assert_eq!(cache.status().consecutive_failures, 1);
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+
+        // During the backoff, the request that notices the token's refresh-ahead point takes no
+        // lock: with the lock held elsewhere it still returns at once.
+        let held = cache.lock();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                cache.start_refresh_ahead(token.generation);
+                let _ = done.send(());
+            });
+            let returned = finished.recv_timeout(Duration::from_secs(5)).is_ok();
+            drop(held);
+            assert!(
+                returned,
+                "start_refresh_ahead took the cache lock during the backoff"
+            );
+        });
+
+        tokio::time::advance(Duration::from_secs(60) - Duration::from_nanos(1)).await;
+        cache.start_refresh_ahead(token.generation);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            2,
+            "not before the backoff ends"
+        );
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        cache.start_refresh_ahead(token.generation);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            3,
+            "retried at the end of the backoff"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debug_shows_the_generation_and_the_token_request_count() {
+        let (cache, _) = cache_over_script(3600);
+        first_token(&cache).await;
+        let debug = format!("{cache:?}");
+        assert!(debug.contains("generation: 1"), "{debug}");
+        assert!(debug.contains("token_requests: 1"), "{debug}");
     }
 }
