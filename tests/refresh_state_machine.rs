@@ -143,7 +143,12 @@ fn a_refresh_lost_with_its_runtime_is_a_failure_followed_by_backoff_not_an_error
     let url = server.api_url("/v1/ping");
     let doomed = paused_runtime();
     start_refresh_on(&doomed, &layer, &url);
+    assert!(layer.token_cache().status().refresh_in_flight);
     drop(doomed);
+    assert!(
+        !layer.token_cache().status().refresh_in_flight,
+        "a refresh whose runtime is gone is not in flight"
+    );
 
     live.block_on(async {
         // A new caller finds the refresh gone: no RefreshAborted, no immediate retry either.

@@ -752,4 +752,20 @@ mod tests {
         assert!(debug.contains("generation: 1"), "{debug}");
         assert!(debug.contains("token_requests: 1"), "{debug}");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_the_outcome_of_the_flight_it_joined_even_when_it_looks_late() {
+        let (cache, sent) = cache_over_script(3600);
+        let Ok(Lookup::Wait(wait)) = cache.lookup(Instant::now()) else {
+            panic!("a cold cache waits for its first token");
+        };
+        // The flight ends, and its token is invalidated, before the waiter is first polled.
+        while cache.current_generation() == NO_TOKEN {
+            tokio::task::yield_now().await;
+        }
+        assert!(cache.invalidate(1));
+        let token = wait.await.unwrap();
+        assert_eq!(token.generation, 1, "the joined flight's token");
+        assert_eq!(sent.load(Ordering::SeqCst), 1, "no second flight");
+    }
 }
