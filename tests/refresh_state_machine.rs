@@ -23,13 +23,19 @@ fn paused_runtime() -> Runtime {
         .unwrap()
 }
 
+type Caller = task::Spawn<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<StatusCode, tower::BoxError>>>>,
+>;
+
 /// Starts a request on `runtime` and leaves it there: the refresh task it spawned is never
 /// run unless `runtime` is driven again (a stalled runtime, or one about to shut down).
-fn start_refresh_on(runtime: &Runtime, layer: &OAuth2Layer, url: &str) {
+fn start_refresh_on(runtime: &Runtime, layer: &OAuth2Layer, url: &str) -> Caller {
+    #[allow(clippy::async_yields_async)]
     runtime.block_on(async {
-        let mut first = task::spawn(status_of(api(layer), get(url)));
+        let mut first: Caller = task::spawn(Box::pin(status_of(api(layer), get(url))));
         assert_pending!(first.poll());
-    });
+        first
+    })
 }
 
 #[test]
@@ -43,9 +49,10 @@ fn a_refresh_stalled_on_another_runtime_is_given_up_at_its_deadline_and_never_wr
         .unwrap();
     let layer = OAuth2Layer::new(config).unwrap();
     let url = server.api_url("/v1/ping");
-    start_refresh_on(&stalled, &layer, &url);
+    let mut stalled_caller = start_refresh_on(&stalled, &layer, &url);
 
-    live.block_on(async {
+    #[allow(clippy::async_yields_async)]
+    let next = live.block_on(async {
         let started = Instant::now();
         tokio::time::advance(Duration::from_millis(500)).await;
         let error = status_of(api(&layer), get(&url)).await.unwrap_err();
@@ -61,23 +68,31 @@ fn a_refresh_stalled_on_another_runtime_is_given_up_at_its_deadline_and_never_wr
         assert_eq!(status.consecutive_failures, 1, "a lost flight is a failure");
         assert!(!status.refresh_in_flight);
 
-        // After the backoff, a new flight on the live runtime.
+        // After the backoff, a new flight on the live runtime, left in flight (the live runtime
+        // is not driven while the stalled one runs).
         tokio::time::advance(nuvy_oauth2::MIN_FAILURE_BACKOFF).await;
-        assert_eq!(
-            status_of(api(&layer), get(&url)).await.unwrap(),
-            StatusCode::OK
-        );
-        assert_eq!(layer.token_cache().status().generation, 1);
+        let next = tokio::spawn(status_of(api(&layer), get(&url)));
+        while layer.token_cache().token_requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+        next
     });
 
-    // The stalled runtime runs again: its flight was given up, so it sends and writes nothing.
+    // The stalled runtime runs again, beside the new flight: the given-up flight sends and
+    // writes nothing, and the caller that started it joins the new flight.
     stalled.block_on(async {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
+        assert_pending!(stalled_caller.poll());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(layer.token_cache().token_requests(), 1);
+        assert!(layer.token_cache().status().refresh_in_flight);
     });
     live.block_on(async {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(next.await.unwrap().unwrap(), StatusCode::OK);
         assert_eq!(
             server.token_requests(),
             1,
@@ -93,6 +108,7 @@ fn a_refresh_stalled_on_another_runtime_is_given_up_at_its_deadline_and_never_wr
         );
         assert_eq!(server.token_requests(), 1);
     });
+    drop(stalled_caller);
 }
 
 #[test]
@@ -102,7 +118,7 @@ fn a_waiter_whose_refresh_runtime_shut_down_gets_its_token_from_a_new_refresh() 
     let layer = layer(&server);
     let url = server.api_url("/v1/ping");
     let doomed = paused_runtime();
-    start_refresh_on(&doomed, &layer, &url);
+    drop(start_refresh_on(&doomed, &layer, &url));
 
     // A caller on the live runtime joins that refresh.
     #[allow(clippy::async_yields_async)]
@@ -142,7 +158,7 @@ fn a_refresh_lost_with_its_runtime_is_a_failure_followed_by_backoff_not_an_error
     let layer = layer(&server);
     let url = server.api_url("/v1/ping");
     let doomed = paused_runtime();
-    start_refresh_on(&doomed, &layer, &url);
+    drop(start_refresh_on(&doomed, &layer, &url));
     assert!(layer.token_cache().status().refresh_in_flight);
     drop(doomed);
     assert!(
@@ -259,7 +275,7 @@ fn a_refresh_whose_task_first_runs_at_its_deadline_sends_and_counts_nothing() {
         .unwrap();
     let layer = OAuth2Layer::new(config).unwrap();
     let url = server.api_url("/v1/ping");
-    start_refresh_on(&runtime, &layer, &url);
+    drop(start_refresh_on(&runtime, &layer, &url));
     runtime.block_on(async {
         // The runtime comes back exactly at the refresh's deadline: its task gives up unsent.
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -317,4 +333,26 @@ async fn the_refresh_point_and_the_expiry_are_exact_instants() {
         api_requests,
         "the expired token was not sent"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn during_a_transient_backoff_callers_without_a_token_get_the_last_error_at_once() {
+    let server = server(Duration::from_secs(3600)).await;
+    server.fail_next_token_requests(1, 503);
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    status_of(api.clone(), get(&url)).await.unwrap_err();
+    let started = Instant::now();
+    let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+    assert_eq!(
+        crate_error(&error).status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "not held until the backoff ends"
+    );
+    assert_eq!(server.token_requests(), 1);
 }

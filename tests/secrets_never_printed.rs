@@ -286,6 +286,10 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
             "no token request traced with reason {reason}: {logs}"
         );
     }
+    assert!(
+        logs[logs.find("reason=\"").unwrap()..].starts_with("reason=\"initial\""),
+        "the first token request is the initial one: {logs}"
+    );
     assert!(logs.contains("lifetime_secs=") && logs.contains("elapsed_ms="));
     let secrets = [
         SECRET,

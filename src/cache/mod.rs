@@ -409,11 +409,12 @@ impl TokenCache {
     pub fn access_token(&self) -> Option<AccessToken> {
         let now = Instant::now();
         let state = self.lock();
-        state
-            .current
-            .as_ref()
-            .filter(|token| now < token.local.refresh_at)
-            .map(|token| token.access_token.clone())
+        usable(&state, now).and(
+            state
+                .current
+                .as_ref()
+                .map(|token| token.access_token.clone()),
+        )
     }
 
     /// A snapshot of the cache for health checks. Takes the cache lock briefly.
@@ -450,15 +451,12 @@ impl TokenCache {
     /// caller waits out the backoff and starts the next refresh itself.
     pub(crate) fn lookup(&self, now: Instant) -> Result<Lookup, Error> {
         let mut state = self.lock();
-        if let Some(current) = &state.current {
-            if now < current.local.refresh_at {
-                let local = current.local.clone();
-                if now >= local.refresh_ahead_at {
-                    drop(state);
-                    self.start_refresh_ahead(local.generation);
-                }
-                return Ok(Lookup::Ready(local));
+        if let Some(local) = usable(&state, now) {
+            if now >= local.refresh_ahead_at {
+                drop(state);
+                self.start_refresh_ahead(local.generation);
             }
+            return Ok(Lookup::Ready(local));
         }
         refresh::lookup_slow(self, &mut state, now)
     }
@@ -543,6 +541,16 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The current token of `state` if it is usable at `now`: before its refresh point, from
+/// which callers wait for a new one. The one place that decides it for the cache's lock side.
+fn usable(state: &State, now: Instant) -> Option<LocalToken> {
+    state
+        .current
+        .as_ref()
+        .filter(|token| now < token.local.refresh_at)
+        .map(|token| token.local.clone())
 }
 
 /// The current token of `state` if it has not reached `expires_at` at `now`.
@@ -767,5 +775,54 @@ mod tests {
         let token = wait.await.unwrap();
         assert_eq!(token.generation, 1, "the joined flight's token");
         assert_eq!(sent.load(Ordering::SeqCst), 1, "no second flight");
+    }
+
+    /// A cache whose last flight vanished (its runtime shut down) and whose backoff runs until
+    /// `backoff` from now.
+    fn after_a_vanished_flight(backoff: Duration) -> (TokenCache, Arc<AtomicU64>) {
+        let (cache, sent) = cache_over_script(3600);
+        {
+            let mut state = cache.lock();
+            state.refresh = refresh::Refresh::BackingOff {
+                until: Instant::now() + backoff,
+            };
+            state.last_error = Some(Error::new(crate::error::ErrorKind::RefreshAborted));
+            state.consecutive_failures = 1;
+        }
+        (cache, sent)
+    }
+
+    async fn wait_from(cache: &TokenCache) -> Result<LocalToken, Error> {
+        match cache.lookup(Instant::now()) {
+            Ok(Lookup::Wait(wait)) => wait.await,
+            Ok(Lookup::Ready(_)) => panic!("no token is cached"),
+            Err(error) => Err(error),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_vanished_refresh_callers_wait_out_a_backoff_that_ends_by_their_deadline() {
+        // The deadline of a caller with nothing to join: the token request timeout (10 s) plus
+        // the 1 s grace.
+        for backoff in [Duration::from_secs(10), Duration::from_secs(11)] {
+            let (cache, sent) = after_a_vanished_flight(backoff);
+            let started = Instant::now();
+            let token = wait_from(&cache).await.unwrap();
+            assert_eq!(started.elapsed(), backoff);
+            assert_eq!((token.generation, sent.load(Ordering::SeqCst)), (1, 1));
+        }
+        // A backoff past the deadline: the caller is told at once, nothing is sent.
+        let (cache, sent) =
+            after_a_vanished_flight(Duration::from_secs(11) + Duration::from_nanos(1));
+        let started = Instant::now();
+        let Err(error) = wait_from(&cache).await else {
+            panic!("a token past the deadline");
+        };
+        assert!(matches!(
+            error.kind(),
+            crate::error::ErrorKind::RefreshAborted
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(sent.load(Ordering::SeqCst), 0);
     }
 }

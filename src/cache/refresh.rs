@@ -35,7 +35,9 @@ use tracing::Instrument as _;
 
 use super::backoff::{is_transient, pause_after};
 use super::timing::{saturating_add, schedule};
-use super::{still_valid, CachedToken, LocalToken, Lookup, State, TokenCache, NEVER, NO_TOKEN};
+use super::{
+    still_valid, usable, CachedToken, LocalToken, Lookup, State, TokenCache, NEVER, NO_TOKEN,
+};
 use crate::error::{Error, ErrorKind};
 use crate::token::FetchedToken;
 
@@ -290,12 +292,10 @@ fn next(cache: &TokenCache, state: &mut State, now: Instant) -> Next {
 /// Looks again after the flight a waiter followed ended without an outcome.
 fn look_again(cache: &TokenCache, now: Instant) -> Next {
     let mut state = cache.lock();
-    if let Some(current) = &state.current {
-        if now < current.local.refresh_at {
-            return Next::Ready(current.local.clone());
-        }
+    match usable(&state, now) {
+        Some(token) => Next::Ready(token),
+        None => next(cache, &mut state, now),
     }
-    next(cache, &mut state, now)
 }
 
 /// Transition `Idle` (or an expired backoff or pause) → `InFlight`: spawns the flight's task
