@@ -294,8 +294,10 @@ pub(crate) fn sanitize_server_text(text: &str) -> String {
 }
 
 /// One line of advice for a rejected token request, chosen by the RFC 6749 §5.2 `error` code
-/// (every code of §5.2), else by the status as the Nuvy authentication documentation's error
-/// table does (400: the grant type; 401: the credentials).
+/// (every code of §5.2, RFC 8707's `invalid_target`, the §4.1.2.1 server-fault codes, and a
+/// neutral line for any other code), else, without a code, by the status as the Nuvy
+/// authentication documentation's error table does (400: the grant type; 401: the
+/// credentials).
 fn remedy(status: StatusCode, error: Option<&str>) -> &'static str {
     match error {
         // The Nuvy documentation's advice for a 400.
@@ -317,6 +319,19 @@ fn remedy(status: StatusCode, error: Option<&str>) -> &'static str {
         Some("invalid_scope") => {
             "the requested scope (or audience/resource) is unknown or not granted to this \
              client; check .scope(), .audience() and .resource()"
+        }
+        // RFC 8707 §2: the resource indicator's own code.
+        Some("invalid_target") => {
+            "the requested resource (RFC 8707) is unknown or not allowed for this client; check \
+             .resource() and .audience()"
+        }
+        // RFC 6749 §4.1.2.1 codes some token endpoints send too: the server's own fault.
+        Some("server_error" | "temporarily_unavailable") => {
+            "the authorization server reports a fault of its own; try again later"
+        }
+        Some(_) => {
+            "the server's error code is none of RFC 6749 §5.2; see its error_description and \
+             documentation"
         }
         _ => match status {
             StatusCode::BAD_REQUEST => "check that the request sends grant_type=client_credentials",

@@ -244,6 +244,13 @@ async fn the_advice_of_a_rejection_fits_its_rfc_6749_error_code() {
         (400, Some(""), GRANT_TYPE),
         (401, None, "verify client_id and client_secret"),
         (403, Some("invalid_scope"), "check .scope()"),
+        // Codes outside §5.2: advice that fits, never the grant type.
+        (400, Some("invalid_target"), "check .resource()"),
+        (400, Some("server_error"), "try again later"),
+        (400, Some("temporarily_unavailable"), "try again later"),
+        (400, Some("access_denied"), "none of RFC 6749 §5.2"),
+        (400, Some("INVALID_CLIENT"), "none of RFC 6749 §5.2"),
+        (401, Some("custom_code"), "none of RFC 6749 §5.2"),
     ];
     for &(status, code, advice) in cases {
         let server = server(Duration::from_secs(60)).await;

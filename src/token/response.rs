@@ -170,7 +170,9 @@ pub(crate) fn parse_token_response(
 
     match json.get("token_type") {
         None | Some(Value::Null) => {} // Missing: taken as Bearer (documented).
-        Some(Value::String(token_type)) if token_type.eq_ignore_ascii_case("bearer") => {}
+        // Empty is no type name (RFC 6749 §7.1): as missing. Surrounding spaces are noise.
+        Some(Value::String(token_type)) if token_type.trim().is_empty() => {}
+        Some(Value::String(token_type)) if token_type.trim().eq_ignore_ascii_case("bearer") => {}
         Some(Value::String(token_type)) => {
             return Err(Error::new(ErrorKind::UnsupportedTokenType {
                 token_type: sanitize_server_text(token_type),
@@ -200,7 +202,11 @@ pub(crate) fn parse_token_response(
 /// The body as a JSON object, or `None`. A number too large for `f64` (`1e400`), which
 /// serde_json refuses, is read as `u64::MAX` (or `-1` when negative) so that a huge `expires_in`
 /// is clamped like any other instead of failing the whole body.
+///
+/// A leading UTF-8 byte order mark, which RFC 8259 §8.1 lets parsers ignore (and some servers
+/// send), is skipped.
 fn parse_json_object(body: &[u8]) -> Option<Map<String, Value>> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     if let Ok(object) = serde_json::from_slice(body) {
         return Some(object);
     }
@@ -366,6 +372,28 @@ mod tests {
             ok(r#"{"access_token":"abc","expires_in":60}"#).authorization,
             "Bearer abc"
         );
+    }
+
+    #[test]
+    fn odd_but_harmless_replies_are_read() {
+        for body in [
+            r#"{"access_token":"abc","token_type":""}"#,
+            r#"{"access_token":"abc","token_type":" Bearer "}"#,
+            r#"{"access_token":"abc","token_type":"bEaReR"}"#,
+            "\u{feff}{\"access_token\":\"abc\"}",
+            "\u{feff}{\"access_token\":\"abc\",\"expires_in\":1e400}",
+            r#"{"access_token":"abc","error":[]}"#,
+        ] {
+            assert_eq!(ok(body).authorization, "Bearer abc", "{body}");
+        }
+        for token_type in [r#""mac""#, r#""Bearer2""#, r#""Bear er""#] {
+            let body = format!(r#"{{"access_token":"abc","token_type":{token_type}}}"#);
+            let error = err(200, None, &body);
+            assert!(
+                matches!(error.kind(), ErrorKind::UnsupportedTokenType { .. }),
+                "{body}"
+            );
+        }
     }
 
     #[test]
