@@ -5,13 +5,13 @@ use bytes::Bytes;
 use http::Response;
 use http_body::Body;
 use tower::layer::util::Stack;
-use tower::retry::{Retry, RetryLayer};
 use tower::{BoxError, Layer, Service};
 
 use crate::cache::TokenCache;
 use crate::config::OAuth2Config;
 use crate::error::Error;
-use crate::retry::RetryOnUnauthorized;
+use crate::replay::DEFAULT_MAX_REPLAY_BODY_BYTES;
+use crate::retry::{RetryOnUnauthorized, RetryOnUnauthorizedLayer};
 use crate::service::OAuth2Service;
 use crate::token::{TokenFetcher, TokenTransportRequest};
 
@@ -56,14 +56,15 @@ pub struct OAuth2Layer {
     allow_insecure_http: bool,
     /// Which shared token this configuration uses in a token store.
     store_key: crate::store::StoreKey,
+    max_replay_body_bytes: usize,
 }
 
 /// [`OAuth2Layer`] with [`RetryOnUnauthorized`] outside it, as [`OAuth2Layer::with_retry`]
 /// builds it.
-pub type OAuth2RetryLayer = Stack<OAuth2Layer, RetryLayer<RetryOnUnauthorized>>;
+pub type OAuth2RetryLayer = Stack<OAuth2Layer, RetryOnUnauthorizedLayer>;
 
-/// The service [`OAuth2RetryLayer`] makes: `Retry<RetryOnUnauthorized, OAuth2Service<S>>`.
-pub type OAuth2RetryService<S> = Retry<RetryOnUnauthorized, OAuth2Service<S>>;
+/// The service [`OAuth2RetryLayer`] makes: `RetryOnUnauthorized<OAuth2Service<S>>`.
+pub type OAuth2RetryService<S> = RetryOnUnauthorized<OAuth2Service<S>>;
 
 impl OAuth2Layer {
     /// A layer whose token requests go over hyper-util's client with rustls (HTTPS, webpki
@@ -101,7 +102,16 @@ impl OAuth2Layer {
             cache: TokenCache::new(fetcher),
             allow_insecure_http: config.allow_insecure_http,
             store_key: crate::store::StoreKey::for_config(config),
+            max_replay_body_bytes: DEFAULT_MAX_REPLAY_BODY_BYTES,
         }
+    }
+
+    /// Sets how many request body bytes the retry keeps, while the body streams, to replay it
+    /// after a token rejection (default [`DEFAULT_MAX_REPLAY_BODY_BYTES`], 64 KiB). A body over
+    /// this is sent once; its rejection is returned as it is. `0` replays empty bodies only.
+    pub fn max_replay_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_replay_body_bytes = bytes;
+        self
     }
 
     /// This layer with its token shared through `store` ([`crate::store`]): a
@@ -130,23 +140,26 @@ impl OAuth2Layer {
         &self.cache
     }
 
-    /// The 401 retry policy bound to this layer's cache, for building the stack by hand:
-    /// `ServiceBuilder::new().layer(RetryLayer::new(layer.retry_policy())).layer(layer)`.
-    pub fn retry_policy(&self) -> RetryOnUnauthorized {
-        RetryOnUnauthorized::new(self.cache.clone())
+    /// The retry layer alone, bound to this layer's cache, for building the stack by hand with
+    /// other layers in between:
+    /// `ServiceBuilder::new().layer(auth.retry_layer()).layer(other).layer(auth)`.
+    /// The retry must sit outside the auth layer so the replay gets the fresh token.
+    pub fn retry_layer(&self) -> RetryOnUnauthorizedLayer {
+        RetryOnUnauthorizedLayer::new(self.cache.clone(), self.max_replay_body_bytes)
     }
 
-    /// This layer with the 401 retry outside it: the usual stack in one layer. Makes an
-    /// [`OAuth2RetryService`]. Every method with a replayable body is replayed once.
+    /// This layer with [`RetryOnUnauthorized`] outside it: the usual stack in one layer. Makes
+    /// an [`OAuth2RetryService`]. A request rejected for its token is sent once more, with any
+    /// method and any body type ([`crate::ReplayableBody`]) that fits the replay cap.
     pub fn with_retry(self) -> OAuth2RetryLayer {
-        let retry = RetryLayer::new(self.retry_policy());
+        let retry = self.retry_layer();
         Stack::new(self, retry)
     }
 
     /// As [`with_retry`](Self::with_retry), but replaying idempotent methods only
-    /// ([`RetryOnUnauthorized::idempotent_only`]).
+    /// ([`RetryOnUnauthorizedLayer::idempotent_only`]).
     pub fn with_idempotent_retry(self) -> OAuth2RetryLayer {
-        let retry = RetryLayer::new(self.retry_policy().idempotent_only());
+        let retry = self.retry_layer().idempotent_only();
         Stack::new(self, retry)
     }
 }

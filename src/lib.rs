@@ -9,7 +9,8 @@
 //!   and waited for only when it is absent or about to expire;
 //! - however many requests arrive at once, at most one token request is in flight;
 //! - a 401 from the API invalidates exactly the token it rejected, and
-//!   [`RetryOnUnauthorized`] (a `tower::retry::Policy`) sends the request once more;
+//!   [`RetryOnUnauthorized`] sends the request once more, whatever its body type
+//!   ([`ReplayBody`] keeps up to 64 KiB of it while it streams);
 //! - the token goes only to allowed origins (by default the token endpoint's; RFC 6750 §5.3),
 //!   whatever layers sit around the auth layer;
 //! - secrets never appear in `Debug`, errors or logs, and the injected header is sensitive.
@@ -75,6 +76,7 @@ mod error;
 mod future;
 mod layer;
 mod origin;
+mod replay;
 mod retry;
 mod rotation;
 mod secret;
@@ -104,7 +106,8 @@ pub use config::{
 pub use error::{Error, ErrorKind, TokenErrorFields, MAX_SERVER_TEXT_CHARS};
 pub use future::ResponseFuture;
 pub use layer::{OAuth2Layer, OAuth2RetryLayer, OAuth2RetryService};
-pub use retry::{ReplayableBody, RetryOnUnauthorized};
+pub use replay::{Recorded, Replay, ReplayBody, ReplayableBody, DEFAULT_MAX_REPLAY_BODY_BYTES};
+pub use retry::{RetryOnUnauthorized, RetryOnUnauthorizedLayer, MAX_REPLAY_BODY_WAIT};
 pub use rotation::SecretSource;
 pub use secret::{AccessToken, ClientSecret};
 pub use service::{OAuth2Service, UsedTokenGeneration};

@@ -1,56 +1,121 @@
-//! [`RetryOnUnauthorized`]: the `tower::retry::Policy` that answers a 401 from the API by
-//! invalidating the rejected token and sending the request once more (the Nuvy authentication documentation: "Handle 401
-//! responses by requesting a fresh token and retrying the request").
+//! [`RetryOnUnauthorized`]: answers a token rejection from the API by sending the request once
+//! more with a fresh token (the Nuvy authentication documentation: "Handle 401 responses by
+//! requesting a fresh token and retrying the request").
 
-use std::future::{ready, Ready};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
-use tower::retry::Policy;
+use http::{Method, Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 
 use crate::cache::TokenCache;
+use crate::replay::{Replay, ReplayableBody};
 use crate::service::UsedTokenGeneration;
 
-/// Retries a request once when the API answers 401 to the token it carried.
-///
-/// On a 401 whose response carries [`UsedTokenGeneration`] ([`crate::OAuth2Service`] puts it
-/// there, and invalidates that token generation, only when the 401 is about the token; never
-/// on 403 or `insufficient_scope`), the policy lets `tower::retry::Retry` send the saved copy
-/// of the request again; the copy then waits for the fresh token through the same single
-/// flight (a burst of 401s for one token causes one refresh). A second 401 is returned to the
-/// caller as it is: never a loop.
-///
-/// **Replay needs a copy of the body.** The copy is taken before the request is sent, through
-/// [`ReplayableBody`]. Bodies that cannot be copied (streams such as
-/// `hyper::body::Incoming`, boxed bodies) are sent once, and their 401 comes back unchanged;
-/// the token is invalidated all the same, so the next request gets a new one.
-///
-/// Place it outside the [`crate::OAuth2Service`] so the replay gets the new token:
-/// [`crate::OAuth2Layer::with_retry`] does it in one layer.
+/// How long a replay waits, after the rejection came back, for the first attempt's body to
+/// finish going out (a server may answer before it read the whole body): 10 s. After that the
+/// rejection is returned as it is.
+pub const MAX_REPLAY_BODY_WAIT: Duration = Duration::from_secs(10);
+
+/// Layer of [`RetryOnUnauthorized`]; made by [`crate::OAuth2Layer::retry_layer`] (and put
+/// outside the auth layer by [`crate::OAuth2Layer::with_retry`]).
 #[derive(Debug, Clone)]
-pub struct RetryOnUnauthorized {
+pub struct RetryOnUnauthorizedLayer {
     cache: TokenCache,
-    retried: bool,
+    max_replay_body_bytes: usize,
     idempotent_only: bool,
 }
 
-impl RetryOnUnauthorized {
-    pub(crate) fn new(cache: TokenCache) -> Self {
+impl RetryOnUnauthorizedLayer {
+    pub(crate) fn new(cache: TokenCache, max_replay_body_bytes: usize) -> Self {
         Self {
             cache,
-            retried: false,
+            max_replay_body_bytes,
             idempotent_only: false,
         }
     }
 
     /// Replays only idempotent methods (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT,
-    /// DELETE). By default every method is replayed: a 401 means the server refused the request
-    /// before processing it, and the Nuvy docs ask for the retry without exception. Use this
-    /// for servers that may act on a request and still answer 401.
+    /// DELETE). By default every method is replayed: a token rejection means the server refused
+    /// the request before processing it, and the Nuvy docs ask for the retry without exception.
     pub fn idempotent_only(mut self) -> Self {
         self.idempotent_only = true;
         self
+    }
+}
+
+impl<S> Layer<S> for RetryOnUnauthorizedLayer {
+    type Service = RetryOnUnauthorized<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryOnUnauthorized {
+            inner,
+            cache: self.cache.clone(),
+            max_replay_body_bytes: self.max_replay_body_bytes,
+            idempotent_only: self.idempotent_only,
+        }
+    }
+}
+
+/// Sends a request once more when the API rejected the token it carried.
+///
+/// A response is replayed when it carries [`UsedTokenGeneration`] in its extensions:
+/// [`crate::OAuth2Service`] puts it there, after invalidating that token generation, on a 401
+/// about the token (never on a 403 or `insufficient_scope`). The replay waits for the fresh
+/// token through the same single flight (a burst of rejections of one token causes one
+/// refresh). A second rejection is returned to the caller as it is: never a loop.
+///
+/// **Any body.** The request body is prepared by [`ReplayableBody`]: in-memory bodies are
+/// copied (a reference-count bump for `Full<Bytes>`), streaming bodies are sent as
+/// [`crate::ReplayBody`], which keeps the bytes it sends up to the cap
+/// ([`crate::DEFAULT_MAX_REPLAY_BODY_BYTES`], 64 KiB, by default). Nothing is buffered before
+/// sending. A body over the cap is sent once and its rejection returned as it is (the token
+/// was invalidated all the same, so the next request gets a new one). If the rejection arrives
+/// before the body finished going out, the replay waits for it (at most
+/// [`MAX_REPLAY_BODY_WAIT`]).
+///
+/// Errors: the inner service's, unchanged.
+pub struct RetryOnUnauthorized<S> {
+    inner: S,
+    cache: TokenCache,
+    max_replay_body_bytes: usize,
+    idempotent_only: bool,
+}
+
+impl<S> RetryOnUnauthorized<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for RetryOnUnauthorized<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            cache: self.cache.clone(),
+            max_replay_body_bytes: self.max_replay_body_bytes,
+            idempotent_only: self.idempotent_only,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RetryOnUnauthorized<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryOnUnauthorized")
+            .field("inner", &self.inner)
+            .field("max_replay_body_bytes", &self.max_replay_body_bytes)
+            .field("idempotent_only", &self.idempotent_only)
+            .finish_non_exhaustive()
     }
 }
 
@@ -61,91 +126,194 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-impl<B, ResBody, E> Policy<Request<B>, Response<ResBody>, E> for RetryOnUnauthorized
+impl<S, B, ResBody> Service<Request<B>> for RetryOnUnauthorized<S>
 where
     B: ReplayableBody,
+    S: Service<Request<B::Sent>, Response = Response<ResBody>> + Clone,
 {
-    type Future = Ready<()>;
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B::Sent>;
 
-    fn retry(
-        &mut self,
-        _request: &mut Request<B>,
-        result: &mut Result<Response<ResBody>, E>,
-    ) -> Option<Self::Future> {
-        if self.retried {
-            return None;
-        }
-        let response = result.as_ref().ok()?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return None;
-        }
-        // Present only on a 401 about the token; the service already invalidated it.
-        response.extensions().get::<UsedTokenGeneration>()?;
-        self.cache.record_unauthorized_retry();
-        self.retried = true;
-        Some(ready(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
     }
 
-    fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if self.retried || (self.idempotent_only && !is_idempotent(request.method())) {
-            return None;
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let wanted = !self.idempotent_only || is_idempotent(&parts.method);
+        let (body, replay) = if wanted {
+            body.prepare(self.max_replay_body_bytes)
+        } else {
+            (body.into_sent(), Replay::none())
+        };
+        let request = Request::from_parts(parts, body);
+        let pending = replay.is_possible().then(|| {
+            let mut head = Request::new(());
+            *head.method_mut() = request.method().clone();
+            *head.uri_mut() = request.uri().clone();
+            *head.version_mut() = request.version();
+            *head.headers_mut() = request.headers().clone();
+            *head.extensions_mut() = request.extensions().clone();
+            Pending {
+                head,
+                replay,
+                service: self.inner.clone(),
+                cache: self.cache.clone(),
+            }
+        });
+        // The polled-ready service sends the first attempt; the clone is made ready for the
+        // replay, if there is one.
+        let future = self.inner.call(request);
+        ResponseFuture {
+            state: State::First { future, pending },
         }
-        let body = request.body().try_clone_body()?;
-        let mut copy = Request::new(body);
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
     }
 }
 
-/// A request body that may be copied so the request can be sent again after a 401.
-///
-/// Implemented for the in-memory bodies (`Full`, `Empty`, `String`, `Vec<u8>`, `Bytes`, `()`),
-/// which copy, and for streaming bodies (`hyper::body::Incoming`, the boxed bodies of
-/// `http-body-util`), which return `None`: their request is sent once. Implement it for your own
-/// body type to opt in.
-pub trait ReplayableBody: Sized {
-    /// A copy of the body to send again, or `None` when it cannot be replayed.
-    fn try_clone_body(&self) -> Option<Self>;
+/// What a replay needs: the request head, the body copy, a service and the cache.
+struct Pending<S, B> {
+    head: Request<()>,
+    replay: Replay<B>,
+    service: S,
+    cache: TokenCache,
 }
 
-macro_rules! replayable_by_clone {
-    ($($body:ty),* $(,)?) => {
-        $(impl ReplayableBody for $body {
-            fn try_clone_body(&self) -> Option<Self> {
-                Some(self.clone())
+pin_project! {
+    /// Response future of [`RetryOnUnauthorized`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        First {
+            #[pin]
+            future: S::Future,
+            pending: Option<Pending<S, B>>,
+        },
+        WaitingForBody {
+            rejected: Option<S::Response>,
+            pending: Option<Pending<S, B>>,
+            // Made only when the body is not complete at once.
+            deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
+        ReadyToReplay {
+            request: Option<Request<B>>,
+            service: S,
+        },
+        Replaying {
+            #[pin]
+            future: S::Future,
+        },
+        Done,
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::First { future, pending } => {
+                    let response = ready!(future.poll(cx))?;
+                    let rejected = response.extensions().get::<UsedTokenGeneration>().is_some();
+                    match pending.take() {
+                        Some(pending) if rejected => {
+                            this.state.set(State::WaitingForBody {
+                                rejected: Some(response),
+                                pending: Some(pending),
+                                deadline: None,
+                            });
+                        }
+                        _ => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(response));
+                        }
+                    }
+                }
+                StateProj::WaitingForBody {
+                    rejected,
+                    pending,
+                    deadline,
+                } => {
+                    let Some(waiting) = pending.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    let body = match waiting.replay.poll_body(cx) {
+                        Poll::Ready(body) => body,
+                        Poll::Pending => {
+                            let deadline = deadline.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep(MAX_REPLAY_BODY_WAIT))
+                            });
+                            ready!(deadline.as_mut().poll(cx));
+                            None
+                        }
+                    };
+                    let (Some(body), Some(pending)) = (body, pending.take()) else {
+                        // Too large, failed, or still not sent: the rejection as it is.
+                        let response = rejected.take();
+                        this.state.set(State::Done);
+                        return match response {
+                            Some(response) => Poll::Ready(Ok(response)),
+                            None => Poll::Pending,
+                        };
+                    };
+                    // The rejected response is dropped before the replay goes out.
+                    drop(rejected.take());
+                    pending.cache.record_unauthorized_retry();
+                    this.state.set(State::ReadyToReplay {
+                        request: Some(pending.head.map(|()| body)),
+                        service: pending.service,
+                    });
+                }
+                StateProj::ReadyToReplay { request, service } => {
+                    ready!(service.poll_ready(cx))?;
+                    let Some(request) = request.take() else {
+                        return Poll::Pending;
+                    };
+                    let future = service.call(request);
+                    this.state.set(State::Replaying { future });
+                }
+                StateProj::Replaying { future } => {
+                    let result = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+                StateProj::Done => return Poll::Pending,
             }
-        })*
-    };
+        }
+    }
 }
 
-replayable_by_clone!(
-    Full<Bytes>,
-    Empty<Bytes>,
-    String,
-    Vec<u8>,
-    Bytes,
-    (),
-    &'static str
-);
-
-macro_rules! not_replayable {
-    ($($body:ty),* $(,)?) => {
-        $(impl ReplayableBody for $body {
-            fn try_clone_body(&self) -> Option<Self> {
-                None
-            }
-        })*
-    };
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::First { .. } => "first attempt",
+            State::WaitingForBody { .. } => "waiting for the first body to go out",
+            State::ReadyToReplay { .. } => "waiting for the service to be ready",
+            State::Replaying { .. } => "replaying",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
 }
-
-not_replayable!(
-    hyper::body::Incoming,
-    http_body_util::combinators::BoxBody<Bytes, tower::BoxError>,
-    http_body_util::combinators::UnsyncBoxBody<Bytes, tower::BoxError>,
-    http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
-    http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>,
-);

@@ -7,8 +7,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::StatusCode;
+use http_body::Frame;
+use http_body_util::channel::Channel;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
@@ -189,40 +192,108 @@ async fn a_replayed_request_keeps_its_method_and_body() {
     assert_eq!(json["body_bytes"], 9);
 }
 
+type Streaming = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of `chunks` frames of `chunk_len` bytes each, with no size known in advance (a
+/// stream, as a forwarded upload is).
+fn streamed(chunks: usize, chunk_len: usize) -> Streaming {
+    let (mut sender, body) = Channel::<Bytes, BoxError>::new(chunks + 1);
+    for _ in 0..chunks {
+        sender
+            .try_send(Frame::data(Bytes::from(vec![b'x'; chunk_len])))
+            .expect("buffer holds every chunk");
+    }
+    drop(sender);
+    body.boxed_unsync()
+}
+
+fn streaming_api(
+    layer: &nuvy_oauth2::OAuth2Layer,
+) -> nuvy_oauth2::OAuth2RetryService<Client<HttpConnector, Streaming>> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Streaming>();
+    ServiceBuilder::new()
+        .layer(layer.clone().with_retry())
+        .service(client)
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_request_whose_body_cannot_be_replayed_gets_the_original_401() {
-    type Streaming = UnsyncBoxBody<Bytes, BoxError>;
+async fn a_401_on_a_small_streamed_body_is_replayed_from_the_bytes_kept_while_it_streamed() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
-    let client = Client::builder(TokioExecutor::new()).build_http::<Streaming>();
-    let api = ServiceBuilder::new()
-        .layer(layer.clone().with_retry())
-        .service(client);
+    let api = streaming_api(&layer);
     let url = server.api_url("/v1/upload");
-    let body = || {
-        Full::new(Bytes::from_static(b"chunk"))
-            .map_err(|never| match never {})
-            .boxed_unsync()
-    };
-    let request = http::Request::post(&url).body(body()).unwrap();
+    let request = http::Request::post(&url).body(streamed(1, 10)).unwrap();
     assert_eq!(
         api.clone().oneshot(request).await.unwrap().status(),
         StatusCode::OK
     );
 
     age_and_revoke_tokens(&server).await;
-    let request = http::Request::post(&url).body(body()).unwrap();
+    // 3 chunks of 1,000 bytes: well under the 64 KiB cap.
+    let request = http::Request::post(&url).body(streamed(3, 1000)).unwrap();
+    let response = api.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        json["body_bytes"], 3000,
+        "the replay carried the whole body"
+    );
+    assert_eq!(server.api_requests(), 3, "one success, the 401, the replay");
+    assert_eq!(server.token_requests(), 2);
+    assert_eq!(layer.token_cache().unauthorized_retries(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_body_over_the_cap_is_sent_once_and_its_401_returned_with_the_token_invalidated()
+{
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server).max_replay_body_bytes(4096);
+    let api = streaming_api(&layer);
+    let url = server.api_url("/v1/upload");
+    let request = http::Request::post(&url).body(streamed(1, 10)).unwrap();
+    assert_eq!(
+        api.clone().oneshot(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    age_and_revoke_tokens(&server).await;
+    // 5 chunks of 1,000 bytes: over the 4,096-byte cap.
+    let request = http::Request::post(&url).body(streamed(5, 1000)).unwrap();
     let response = api.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(server.api_requests(), 2, "never replayed");
+    assert_eq!(layer.token_cache().unauthorized_retries(), 0);
     // The rejected token was invalidated all the same: the next request gets a new one.
     let nuvy_oauth2::UsedTokenGeneration(generation) = *response.extensions().get().unwrap();
     assert!(
         !layer.token_cache().invalidate(generation),
         "already invalidated"
     );
-    let request = http::Request::post(&url).body(body()).unwrap();
+    let request = http::Request::post(&url).body(streamed(5, 1000)).unwrap();
     assert_eq!(api.oneshot(request).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_in_memory_body_over_the_cap_is_not_replayed_either() {
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server).max_replay_body_bytes(8);
+    let api = api(&layer);
+    let url = server.api_url("/v1/orders");
+    status_of(api.clone(), get(&url)).await.unwrap();
+    age_and_revoke_tokens(&server).await;
+    let request = http::Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"0123456789")))
+        .unwrap();
+    assert_eq!(
+        status_of(api.clone(), request).await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
+    let request = http::Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"01234567")))
+        .unwrap();
+    assert_eq!(status_of(api, request).await.unwrap(), StatusCode::OK);
 }
 
 #[tokio::test(start_paused = true)]

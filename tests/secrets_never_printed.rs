@@ -123,7 +123,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     print(format!("{api:?}"));
     print(format!("{:?}", layer.token_cache()));
     print(format!("{:?}", layer.token_cache().status()));
-    print(format!("{:?}", layer.retry_policy()));
+    print(format!("{:?}", layer.retry_layer()));
     print(format!("{token:?}"));
     let future = api.clone().oneshot(get(&url));
     print(format!("{future:?}"));
