@@ -11,14 +11,15 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{BoxError, Service};
 
+use crate::body::{is_grpc_unauthenticated, ResponseBody};
 use crate::cache::{RefreshWait, TokenCache};
 use crate::error::Error;
 use crate::service::UsedTokenGeneration;
 
 pin_project! {
     /// Response future of [`crate::OAuth2Service`]: waits for the token when it has to, then
-    /// for the inner service, and tags a 401 response with the token generation it was
-    /// answered for ([`UsedTokenGeneration`]).
+    /// for the inner service; wraps the body in [`ResponseBody`] (which carries the token
+    /// generation) and tags a token rejection with [`UsedTokenGeneration`].
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<B>>,
@@ -42,7 +43,8 @@ pin_project! {
             #[pin]
             future: S::Future,
             generation: u64,
-            cache: TokenCache,
+            // Moved into the response body (for gRPC trailers) when the response arrives.
+            cache: Option<TokenCache>,
         },
         Failed {
             error: Option<Error>,
@@ -68,7 +70,7 @@ where
             state: State::Calling {
                 future,
                 generation,
-                cache,
+                cache: Some(cache),
             },
         }
     }
@@ -103,7 +105,7 @@ where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<Response<ResBody>, BoxError>;
+    type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -130,7 +132,7 @@ where
                     this.state.set(State::Calling {
                         future,
                         generation: local.generation,
-                        cache,
+                        cache: Some(cache),
                     });
                 }
                 StateProj::Calling {
@@ -139,16 +141,26 @@ where
                     cache,
                 } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if response.status() == StatusCode::UNAUTHORIZED
-                        && crate::challenge::is_token_rejection(response.headers())
-                        // Whether or not the request is replayed, the next one gets a new token.
-                        && cache.reject(*generation, Instant::now()).allows_replay()
-                    {
+                    let Some(cache) = cache.take() else {
+                        return Poll::Ready(Err(polled_after_completion()));
+                    };
+                    // A token rejection: a 401 about the token, or gRPC UNAUTHENTICATED in the
+                    // headers (a Trailers-Only response, how gRPC servers refuse a call).
+                    let rejected = if response.status() == StatusCode::UNAUTHORIZED {
+                        crate::challenge::is_token_rejection(response.headers())
+                    } else {
+                        is_grpc_unauthenticated(response.headers())
+                    };
+                    // Whether or not the request is replayed, the next one gets a new token.
+                    if rejected && cache.reject(*generation, Instant::now()).allows_replay() {
                         response
                             .extensions_mut()
                             .insert(UsedTokenGeneration(*generation));
                     }
-                    return Poll::Ready(Ok(response));
+                    let generation = *generation;
+                    return Poll::Ready(Ok(
+                        response.map(|body| ResponseBody::new(body, generation, cache))
+                    ));
                 }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(match error.take() {

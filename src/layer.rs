@@ -134,6 +134,16 @@ impl OAuth2Layer {
         self
     }
 
+    /// A valid access token for a client that is not a tower stack: see [`TokenCache::token`]
+    /// (same cache, single flight, refresh-ahead and backoff as the services of this layer).
+    /// Report a rejected token with [`TokenCache::reject_token`].
+    ///
+    /// # Errors
+    /// As [`TokenCache::token`].
+    pub async fn token(&self) -> Result<crate::AccessToken, Error> {
+        self.cache.token().await
+    }
+
     /// The token cache shared by every service of this layer: token request count, status
     /// snapshot, explicit invalidation.
     pub fn token_cache(&self) -> &TokenCache {

@@ -68,6 +68,7 @@
 #[allow(unused_extern_crates)]
 extern crate self as nuvy_oauth2;
 
+mod body;
 mod cache;
 mod cause;
 mod challenge;
@@ -90,6 +91,7 @@ mod transport;
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
 
+pub use body::ResponseBody;
 pub use cache::{
     RefreshReason, TokenCache, TokenCacheStatus, MAX_FAILURE_BACKOFF, MAX_RETRY_AFTER,
     MIN_FAILURE_BACKOFF, PERMANENT_FAILURE_PAUSE, REFRESH_AHEAD_JITTER_PERCENT,

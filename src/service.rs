@@ -10,6 +10,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{BoxError, Service};
 
+use crate::body::ResponseBody;
 use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, STALE};
 use crate::error::{Error, ErrorKind};
 use crate::future::ResponseFuture;
@@ -36,8 +37,12 @@ use crate::future::ResponseFuture;
 ///   URL whose origin is not allowed ([`ErrorKind::OriginNotAllowed`]; RFC 6750 §5.3, see
 ///   [`allow_origin`](crate::OAuth2ConfigBuilder::allow_origin)), whatever layer made it
 ///   (a redirect followed outside this service, say).
-/// - A 401 about the token (no `WWW-Authenticate`, or a `Bearer` challenge with
-///   `error="invalid_token"` or no error) invalidates the token it was answered for, whether or
+/// - **Responses** come with a [`ResponseBody`], whose
+///   [`token_generation`](ResponseBody::token_generation) is the generation of the token the
+///   request was sent with.
+/// - A **token rejection** (a 401 with no `WWW-Authenticate`, or a `Bearer` challenge with
+///   `error="invalid_token"` or no error; or gRPC status UNAUTHENTICATED, `grpc-status: 16`, in
+///   the response headers) invalidates the token it was answered for, whether or
 ///   not the request is replayed, and carries [`UsedTokenGeneration`] in its extensions for
 ///   [`crate::RetryOnUnauthorized`]; except while consecutive generations are being rejected
 ///   shortly after issue (a server rejecting every token): then the 401 is returned untagged
@@ -56,8 +61,9 @@ pub struct OAuth2Service<S> {
 }
 
 /// The generation of the access token a request was sent with (1 for the first token of a
-/// cache). Put into the extensions of 401 responses that warrant a replay only (so the non-401
-/// path allocates nothing); [`crate::RetryOnUnauthorized`] replays exactly those.
+/// cache). Put into the extensions of token rejections that warrant a replay only (so other
+/// responses allocate nothing; every response has the generation in
+/// [`ResponseBody::token_generation`]); [`crate::RetryOnUnauthorized`] replays exactly those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsedTokenGeneration(pub u64);
 
@@ -98,7 +104,7 @@ where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     S::Error: Into<BoxError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = BoxError;
     type Future = ResponseFuture<S, B>;
 

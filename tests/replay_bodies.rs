@@ -36,7 +36,10 @@ async fn after_revocation<S, B>(
     request: Request<B>,
 ) -> (StatusCode, u64)
 where
-    S: tower::Service<Request<B>, Response = http::Response<hyper::body::Incoming>>,
+    S: tower::Service<
+        Request<B>,
+        Response = http::Response<nuvy_oauth2::ResponseBody<hyper::body::Incoming>>,
+    >,
     S::Error: std::fmt::Debug,
 {
     age_and_revoke_tokens(server).await;

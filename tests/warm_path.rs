@@ -65,7 +65,7 @@ where
 
 async fn send<S>(service: S) -> String
 where
-    S: Service<Request<()>, Response = Response<Option<HeaderValue>>>,
+    S: Service<Request<()>, Response = Response<nuvy_oauth2::ResponseBody<Option<HeaderValue>>>>,
     S::Error: Into<BoxError>,
 {
     let response = service
@@ -73,7 +73,10 @@ where
         .await
         .map_err(Into::into)
         .unwrap();
-    let header = response.into_body().expect("the request carried a token");
+    let header = response
+        .into_body()
+        .into_inner()
+        .expect("the request carried a token");
     assert!(header.is_sensitive());
     header.to_str().unwrap().to_owned()
 }
@@ -112,7 +115,13 @@ fn a_never_called_clone_gets_the_token_without_the_cache_lock_in_every_pattern()
                 let response = clone.ready().await.unwrap().call(request()).await.unwrap();
                 served.push((
                     "clone per request",
-                    response.into_body().unwrap().to_str().unwrap().to_owned(),
+                    response
+                        .into_body()
+                        .into_inner()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
                 ));
             }
             // One instance reused: the first calls read the published token, later ones its copy.
@@ -121,7 +130,13 @@ fn a_never_called_clone_gets_the_token_without_the_cache_lock_in_every_pattern()
                 let response = reused.ready().await.unwrap().call(request()).await.unwrap();
                 served.push((
                     "reused",
-                    response.into_body().unwrap().to_str().unwrap().to_owned(),
+                    response
+                        .into_body()
+                        .into_inner()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_owned(),
                 ));
             }
             // tower's Buffer: the worker task owns a clone that was never called.

@@ -403,6 +403,64 @@ impl TokenCache {
         }
     }
 
+    /// A valid access token, for clients that are not a tower stack (reqwest, a WebSocket
+    /// handshake, a CLI printing a token for curl): the cached one, or the result of the one
+    /// shared token request, through the same single flight, caching, refresh-ahead and
+    /// failure backoff as [`crate::OAuth2Service`] (1,000 concurrent calls on a cold cache make
+    /// one token request). Takes the cache lock briefly. Never log the token.
+    ///
+    /// When the API rejects it, report exactly that token with
+    /// [`reject_token`](Self::reject_token), never "whatever is current".
+    ///
+    /// # Errors
+    /// The token request's [`Error`] (shared by every waiter), the last error during a failure
+    /// backoff, [`crate::ErrorKind::NoRuntime`] outside a Tokio runtime.
+    pub async fn token(&self) -> Result<AccessToken, Error> {
+        // A token invalidated between the wait and the read is fetched again, a bounded number
+        // of times (each round is a real token request, so this never spins).
+        for _ in 0..3 {
+            let local = match self.lookup(Instant::now())? {
+                Lookup::Ready(local) => local,
+                Lookup::Wait(wait) => wait.await?,
+            };
+            if let Some(token) = self.access_token_of(local.generation) {
+                return Ok(token);
+            }
+        }
+        Err(Error::new(crate::error::ErrorKind::RefreshAborted))
+    }
+
+    /// Reports that the API rejected `token` (one handed out by [`token`](Self::token)): if it
+    /// is still the cached token it is dropped, so the next call fetches a new one; a token
+    /// already replaced is ignored, so a burst of rejections of one token causes one refresh.
+    /// Returns whether the token was dropped. (With a response from [`crate::OAuth2Service`],
+    /// use [`invalidate`](Self::invalidate) with its
+    /// [`ResponseBody::token_generation`](crate::ResponseBody::token_generation).)
+    ///
+    /// Rejections are bounded like 401s: while consecutive generations are rejected shortly
+    /// after issue, the token is kept until the [`REJECTED_GENERATION_BACKOFF`] step ends
+    /// (then this returns `false`).
+    pub fn reject_token(&self, token: &AccessToken) -> bool {
+        let generation = {
+            let state = self.lock();
+            match &state.current {
+                Some(current) if current.access_token == *token => current.local.generation,
+                _ => return false,
+            }
+        };
+        self.reject(generation, Instant::now()) == Rejection::Invalidated
+    }
+
+    /// The access token of `generation`, if it is still the cached one.
+    fn access_token_of(&self, generation: u64) -> Option<AccessToken> {
+        let state = self.lock();
+        state
+            .current
+            .as_ref()
+            .filter(|token| token.local.generation == generation)
+            .map(|token| token.access_token.clone())
+    }
+
     /// The cached access token while it is usable (before its refresh margin), for callers
     /// that must hand a token to something outside tower (a WebSocket handshake, say). Does not
     /// fetch. Never log it.

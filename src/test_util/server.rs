@@ -426,6 +426,14 @@ impl NuvyServer {
     pub fn last_api_authorization(&self) -> Option<HeaderValue> {
         self.state.knobs().last_api_authorization.clone()
     }
+
+    /// The API's token check, for another server (a gRPC service, say) that should accept
+    /// exactly what this server's API accepts: whether `authorization` is `Bearer <token>` for
+    /// a token issued here, neither revoked nor expired (and
+    /// [`reject_all_api_requests`](Self::reject_all_api_requests) is off).
+    pub fn accepts_authorization(&self, authorization: Option<&HeaderValue>) -> bool {
+        self.state.accepts(&self.state.knobs(), authorization)
+    }
 }
 
 impl Drop for NuvyServer {
@@ -680,6 +688,15 @@ impl ServerState {
         json_response(StatusCode::OK, body.to_string())
     }
 
+    fn accepts(&self, knobs: &Knobs, authorization: Option<&HeaderValue>) -> bool {
+        !knobs.reject_all_api_requests
+            && authorization
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .and_then(|token| knobs.tokens.get(token))
+                .is_some_and(|issued| !issued.revoked && Instant::now() < issued.expires_at)
+    }
+
     fn protected_api(&self, parts: http::request::Parts, body: Bytes) -> ServerResponse {
         self.api_requests.fetch_add(1, Ordering::SeqCst);
         let authorization = parts.headers.get(AUTHORIZATION);
@@ -690,12 +707,7 @@ impl ServerState {
         let valid = {
             let mut knobs = self.knobs();
             knobs.last_api_authorization = authorization.cloned();
-            !knobs.reject_all_api_requests
-                && authorization
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.strip_prefix("Bearer "))
-                    .and_then(|token| knobs.tokens.get(token))
-                    .is_some_and(|issued| !issued.revoked && Instant::now() < issued.expires_at)
+            self.accepts(&knobs, authorization)
         };
         if !valid {
             self.api_unauthorized.fetch_add(1, Ordering::SeqCst);

@@ -138,9 +138,9 @@ fn now_or_never<F: Future>(future: F) -> F::Output {
 
 /// `poll_ready` + `call` + one poll of the response.
 #[inline]
-fn call_now<S>(service: &mut S, request: Req) -> Res
+fn call_now<S>(service: &mut S, request: Req) -> S::Response
 where
-    S: Service<Req, Response = Res>,
+    S: Service<Req>,
     S::Error: Debug,
 {
     now_or_never(std::future::poll_fn(|cx| service.poll_ready(cx))).unwrap();
@@ -285,7 +285,8 @@ fn single_thread_patterns(setup: &Setup, runtime: &Arc<tokio::runtime::Runtime>)
                     start.elapsed()
                 }),
             ));
-            let boxed = BoxCloneService::new(service.clone().map_err(BoxError::from));
+            let boxed =
+                BoxCloneService::new(ServiceExt::<Req>::map_err(service.clone(), BoxError::from));
             patterns[3].cases.push((
                 $variant,
                 Box::new(move |n| {
@@ -326,7 +327,8 @@ fn single_thread_patterns(setup: &Setup, runtime: &Arc<tokio::runtime::Runtime>)
 /// (`ready` + `call`), or with a clone per request (`oneshot`, the README's usage).
 async fn drive<S>(service: &S, tasks: usize, calls: u64, clone_per_request: bool) -> Duration
 where
-    S: Service<Req, Response = Res> + Clone + Send + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Response: Send,
     S::Future: Send,
     S::Error: Debug + Send,
 {
