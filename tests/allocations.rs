@@ -161,7 +161,10 @@ fn a_warm_call_allocates_no_more_than_the_static_header_layer_in_every_pattern()
                 calls,
             );
             measured.push(($variant, per_call));
-            let boxed = BoxCloneService::new($service.clone().map_err(BoxError::from));
+            let boxed = BoxCloneService::new(ServiceExt::<Request<()>>::map_err(
+                $service.clone(),
+                BoxError::from,
+            ));
             let per_call = allocations_per_call(|r| call_now(&mut boxed.clone(), r), calls);
             measured.push(($variant, per_call));
             let buffer = Buffer::new($service.clone(), 64);

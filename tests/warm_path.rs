@@ -55,12 +55,18 @@ fn echo_layer(server: &common::NuvyServer) -> nuvy_oauth2::OAuth2Layer {
 /// `ready` + `call` on a service kept across requests.
 async fn send_on<S>(service: &mut S) -> String
 where
-    S: Service<Request<()>, Response = Response<Option<HeaderValue>>>,
+    S: Service<Request<()>, Response = Response<nuvy_oauth2::ResponseBody<Option<HeaderValue>>>>,
     S::Error: Into<BoxError>,
 {
     let service = service.ready().await.map_err(Into::into).unwrap();
     let response = service.call(request()).await.map_err(Into::into).unwrap();
-    response.into_body().unwrap().to_str().unwrap().to_owned()
+    response
+        .into_body()
+        .into_inner()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn send<S>(service: S) -> String
