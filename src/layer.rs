@@ -158,6 +158,15 @@ impl OAuth2Layer {
         RetryOnUnauthorizedLayer::new(self.cache.clone(), self.max_replay_body_bytes)
     }
 
+    /// The token-rejection retry as a [`tower::retry::Policy`], bound to this layer's cache,
+    /// for stacks built by hand around `tower::retry::RetryLayer`:
+    /// `ServiceBuilder::new().layer(RetryLayer::new(auth.retry_policy())).layer(auth)`.
+    /// Needs a `Clone` request body (the in-memory bodies); for streaming bodies use
+    /// [`with_retry`](Self::with_retry) or [`retry_layer`](Self::retry_layer).
+    pub fn retry_policy(&self) -> crate::UnauthorizedRetryPolicy {
+        crate::UnauthorizedRetryPolicy::new(self.cache.clone())
+    }
+
     /// This layer with [`RetryOnUnauthorized`] outside it: the usual stack in one layer. Makes
     /// an [`OAuth2RetryService`]. A request rejected for its token is sent once more, with any
     /// method and any body type ([`crate::ReplayableBody`]) that fits the replay cap.

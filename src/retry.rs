@@ -119,7 +119,7 @@ impl<S: fmt::Debug> fmt::Debug for RetryOnUnauthorized<S> {
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
