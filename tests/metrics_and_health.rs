@@ -23,7 +23,14 @@ async fn token_requests_replays_and_lifetime_reach_the_metrics_recorder() {
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
 
-    let server = server(Duration::from_secs(600)).await;
+    // The recorder is process-wide: a client_id of its own keeps the other tests' token
+    // requests (run in parallel in this binary) out of the figures below.
+    let server = NuvyServer::builder()
+        .client_id("metrics-test-client")
+        .token_lifetime(Duration::from_secs(600))
+        .start()
+        .await
+        .expect("bind 127.0.0.1");
     let layer = layer(&server);
     let api = api(&layer);
     status_of(api.clone(), get(&server.api_url("/v1/ping")))
