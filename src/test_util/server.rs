@@ -9,11 +9,12 @@ use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BAS
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -89,15 +90,24 @@ impl NuvyServerBuilder {
             tokens_issued: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
             api_unauthorized: AtomicU64::new(0),
+            api_requests_over_http2: AtomicU64::new(0),
         });
         let accept_state = Arc::clone(&state);
         let accept_loop = tokio::spawn(async move {
+            // HTTP/1.1, and HTTP/2 when a connection opens with the HTTP/2 preface (h2c with
+            // prior knowledge, RFC 9113 §3.3; h2 negotiated by ALPN in front of this server).
+            let http = auto::Builder::new(TokioExecutor::new());
             let mut connections = JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // No Nagle delay: an HTTP/2 response goes out as several small writes (HEADERS,
+                // DATA), and the second must not wait for the client's delayed ACK (tests on
+                // paused Tokio time would see the clock jump meanwhile).
+                let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&accept_state);
+                let http = http.clone();
                 connections.spawn(async move {
                     // Requests served on this connection so far.
                     let served = Arc::new(AtomicU64::new(0));
@@ -119,9 +129,7 @@ impl NuvyServerBuilder {
                             Ok(state.handle(request).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let _ = http.serve_connection(TokioIo::new(stream), service).await;
                 });
                 // Reap finished connections so the set does not grow without bound.
                 while connections.try_join_next().is_some() {}
@@ -245,6 +253,7 @@ struct ServerState {
     tokens_issued: AtomicU64,
     api_requests: AtomicU64,
     api_unauthorized: AtomicU64,
+    api_requests_over_http2: AtomicU64,
 }
 
 /// The embedded Nuvy-compatible server. See the [module docs](crate::test_util).
@@ -329,7 +338,9 @@ impl NuvyServer {
     /// Fault: the next token request that arrives on a connection that already served a
     /// request (a pooled keep-alive connection) is read, counted in
     /// [`token_requests`](Self::token_requests), and answered by closing the connection
-    /// without a response byte, as a server that dropped an idle connection does.
+    /// without a response byte, as a server that dropped an idle connection does. (Meant for
+    /// HTTP/1.1 token requests, as the crate's transport sends them; over HTTP/2 only that
+    /// request's stream is reset.)
     pub fn close_next_reused_token_connection(&self) {
         self.state
             .close_next_reused_token_connection
@@ -349,6 +360,13 @@ impl NuvyServer {
     /// API requests answered 401.
     pub fn api_unauthorized(&self) -> u64 {
         self.state.api_unauthorized.load(Ordering::SeqCst)
+    }
+
+    /// Requests received by the protected API over HTTP/2 (h2c with prior knowledge, or h2
+    /// negotiated by ALPN at a TLS front), 401s included; the others of
+    /// [`api_requests`](Self::api_requests) came over HTTP/1.1.
+    pub fn api_requests_over_http2(&self) -> u64 {
+        self.state.api_requests_over_http2.load(Ordering::SeqCst)
     }
 
     /// Changes the lifetime of tokens issued from now on (whole seconds; at least 1 s is sent).
@@ -699,6 +717,9 @@ impl ServerState {
 
     fn protected_api(&self, parts: http::request::Parts, body: Bytes) -> ServerResponse {
         self.api_requests.fetch_add(1, Ordering::SeqCst);
+        if parts.version == Version::HTTP_2 {
+            self.api_requests_over_http2.fetch_add(1, Ordering::SeqCst);
+        }
         let authorization = parts.headers.get(AUTHORIZATION);
         if parts.uri.path() == REDIRECT_PATH {
             self.knobs().last_api_authorization = authorization.cloned();
@@ -730,6 +751,7 @@ impl ServerState {
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
             "body_bytes": body.len(),
+            "version": format!("{:?}", parts.version),
         });
         json_response(StatusCode::OK, body.to_string())
     }

@@ -1,6 +1,10 @@
 //! The built-in token transport: hyper-util's client over rustls, with the TLS trust and proxy
 //! options of [`crate::OAuth2ConfigBuilder`] (`tls_*`, `proxy`, `no_proxy`).
 //!
+//! - **HTTP/1.1 only** (no ALPN offered): one small request per token lifetime gains nothing
+//!   from HTTP/2, and every token endpoint speaks HTTP/1.1. So the library's own hyper,
+//!   hyper-util and hyper-rustls dependencies have only their `http1` features; the API calls
+//!   under the layer may use HTTP/2 all the same (the user's client, its own features).
 //! - **TLS** ([`tls`]): the crate builds its own `rustls::ClientConfig` with an explicit crypto
 //!   provider: the process-wide default when the application installed one, else the one the
 //!   `ring` (default) or `aws-lc-rs` feature compiled in. It never relies on rustls choosing a
@@ -57,6 +61,7 @@ pub(crate) fn default_transport(config: &OAuth2Config) -> Result<DefaultTranspor
     } else {
         builder.https_only()
     };
+    // HTTP/1.1 only: see the module docs.
     let builder = builder.enable_http1();
     let client = Client::builder(TokioExecutor::new());
     Ok(match route {

@@ -1,8 +1,13 @@
 //! A private certificate authority (rcgen) and a TLS front (tokio-rustls) that puts the
-//! embedded server behind HTTPS on loopback, for tests of TLS trust and of errors.
+//! embedded server behind HTTPS on loopback, for tests of TLS trust, of errors and of HTTP/2.
+//!
+//! ALPN: the front offers `h2` and `http/1.1` (RFC 7301; `h2` per RFC 9113 §3.2) and forwards
+//! the decrypted bytes to the embedded server, which serves whichever the client then speaks
+//! (it tells HTTP/2 by its connection preface). A client that negotiated `h2` sends the
+//! preface, one that negotiated `http/1.1` or nothing sends HTTP/1.1: backend and ALPN agree.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -49,14 +54,15 @@ impl TestCa {
     }
 
     /// A server configuration whose certificate (for `localhost`, 127.0.0.1 and
-    /// [`PROXIED_HOST`]) this CA signed.
+    /// [`PROXIED_HOST`]) this CA signed; ALPN `h2`, then `http/1.1` (the server's preference
+    /// order: a client offering both gets `h2`).
     pub fn server_config(&self) -> Arc<ServerConfig> {
         let key = KeyPair::generate().expect("server key");
         let names = ["localhost", "127.0.0.1", PROXIED_HOST].map(str::to_owned);
         let params = CertificateParams::new(names.to_vec()).expect("server params");
         let cert = params.signed_by(&key, &self.issuer).expect("server cert");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
             .with_no_client_auth()
@@ -65,6 +71,7 @@ impl TestCa {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             )
             .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }
 }
@@ -73,6 +80,7 @@ impl TestCa {
 pub struct TlsFront {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    negotiated: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl TlsFront {
@@ -80,20 +88,48 @@ impl TlsFront {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let acceptor = TlsAcceptor::from(config);
+        let negotiated = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&negotiated);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
+                let record = Arc::clone(&record);
                 tokio::spawn(async move {
+                    // No Nagle delay on either leg (HTTP/2 writes frames separately).
+                    let _ = tcp.set_nodelay(true);
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let protocol = tls
+                        .get_ref()
+                        .1
+                        .alpn_protocol()
+                        .map(|protocol| String::from_utf8_lossy(protocol).into_owned());
+                    record
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(protocol);
                     if let Ok(mut plain) = TcpStream::connect(backend).await {
+                        let _ = plain.set_nodelay(true);
                         let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
                     }
                 });
             }
         });
-        Self { addr, task }
+        Self {
+            addr,
+            task,
+            negotiated,
+        }
+    }
+
+    /// The ALPN protocol negotiated on each TLS connection accepted so far, in order of
+    /// handshake (`Some("h2")`, `Some("http/1.1")`, or `None` when the client offered none).
+    pub fn negotiated_protocols(&self) -> Vec<Option<String>> {
+        self.negotiated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn addr(&self) -> SocketAddr {
