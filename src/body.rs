@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::cache::TokenCache;
+use crate::cache::CacheId;
 
 /// `grpc-status`: the gRPC status code of a call, in the response headers (a Trailers-Only
 /// response) or in the trailers (gRPC over HTTP/2, "Responses").
@@ -41,12 +41,13 @@ pin_project! {
         #[pin]
         inner: B,
         generation: u64,
-        cache: Option<TokenCache>,
+        // Taken when gRPC UNAUTHENTICATED trailers are read (one rejection per response).
+        cache: Option<CacheId>,
     }
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn new(inner: B, generation: u64, cache: TokenCache) -> Self {
+    pub(crate) fn new(inner: B, generation: u64, cache: CacheId) -> Self {
         Self {
             inner,
             generation,
@@ -85,7 +86,7 @@ impl<B: Body> Body for ResponseBody<B> {
         if let Some(Ok(frame)) = &frame {
             if let Some(trailers) = frame.trailers_ref() {
                 if is_grpc_unauthenticated(trailers) {
-                    if let Some(cache) = this.cache.take() {
+                    if let Some(cache) = this.cache.take().and_then(CacheId::cache) {
                         cache.reject(*this.generation, Instant::now());
                     }
                 }

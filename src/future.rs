@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::{is_grpc_unauthenticated, ResponseBody};
-use crate::cache::{RefreshWait, TokenCache};
+use crate::cache::{CacheId, RefreshWait};
 use crate::error::Error;
 use crate::service::UsedTokenGeneration;
 
@@ -43,8 +43,8 @@ pin_project! {
             #[pin]
             future: S::Future,
             generation: u64,
-            // Moved into the response body (for gRPC trailers) when the response arrives.
-            cache: Option<TokenCache>,
+            // The cache by id, not by `Arc`: the warm path writes no shared reference count.
+            cache: CacheId,
         },
         Failed {
             error: Option<Error>,
@@ -58,19 +58,19 @@ struct Waiting<S, B> {
     token: RefreshWait,
     inner: S,
     request: Request<B>,
-    cache: TokenCache,
+    cache: CacheId,
 }
 
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn called(future: S::Future, generation: u64, cache: TokenCache) -> Self {
+    pub(crate) fn called(future: S::Future, generation: u64, cache: CacheId) -> Self {
         Self {
             state: State::Calling {
                 future,
                 generation,
-                cache: Some(cache),
+                cache,
             },
         }
     }
@@ -79,7 +79,7 @@ where
         token: RefreshWait,
         inner: S,
         request: Request<B>,
-        cache: TokenCache,
+        cache: CacheId,
     ) -> Self {
         Self {
             state: State::WaitingForToken {
@@ -132,7 +132,7 @@ where
                     this.state.set(State::Calling {
                         future,
                         generation: local.generation,
-                        cache: Some(cache),
+                        cache,
                     });
                 }
                 StateProj::Calling {
@@ -141,9 +141,6 @@ where
                     cache,
                 } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    let Some(cache) = cache.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
                     // A token rejection: a 401 about the token, or gRPC UNAUTHENTICATED in the
                     // headers (a Trailers-Only response, how gRPC servers refuse a call).
                     let rejected = if response.status() == StatusCode::UNAUTHORIZED {
@@ -152,12 +149,17 @@ where
                         is_grpc_unauthenticated(response.headers())
                     };
                     // Whether or not the request is replayed, the next one gets a new token.
-                    if rejected && cache.reject(*generation, Instant::now()).allows_replay() {
+                    // (A cache whose every clone is gone has nothing left to invalidate.)
+                    let replay = rejected
+                        && cache.cache().is_some_and(|cache| {
+                            cache.reject(*generation, Instant::now()).allows_replay()
+                        });
+                    if replay {
                         response
                             .extensions_mut()
                             .insert(UsedTokenGeneration(*generation));
                     }
-                    let generation = *generation;
+                    let (generation, cache) = (*generation, *cache);
                     return Poll::Ready(Ok(
                         response.map(|body| ResponseBody::new(body, generation, cache))
                     ));

@@ -155,7 +155,7 @@ impl OAuth2Layer {
     /// `ServiceBuilder::new().layer(auth.retry_layer()).layer(other).layer(auth)`.
     /// The retry must sit outside the auth layer so the replay gets the fresh token.
     pub fn retry_layer(&self) -> RetryOnUnauthorizedLayer {
-        RetryOnUnauthorizedLayer::new(self.cache.clone(), self.max_replay_body_bytes)
+        RetryOnUnauthorizedLayer::new(self.cache.id(), self.max_replay_body_bytes)
     }
 
     /// The token-rejection retry as a [`tower::retry::Policy`], bound to this layer's cache,
@@ -164,7 +164,7 @@ impl OAuth2Layer {
     /// Needs a `Clone` request body (the in-memory bodies); for streaming bodies use
     /// [`with_retry`](Self::with_retry) or [`retry_layer`](Self::retry_layer).
     pub fn retry_policy(&self) -> crate::UnauthorizedRetryPolicy {
-        crate::UnauthorizedRetryPolicy::new(self.cache.clone())
+        crate::UnauthorizedRetryPolicy::new(self.cache.id())
     }
 
     /// This layer with [`RetryOnUnauthorized`] outside it: the usual stack in one layer. Makes

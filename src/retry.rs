@@ -12,7 +12,7 @@ use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::cache::TokenCache;
+use crate::cache::CacheId;
 use crate::replay::{Replay, ReplayableBody};
 use crate::service::UsedTokenGeneration;
 
@@ -25,13 +25,13 @@ pub const MAX_REPLAY_BODY_WAIT: Duration = Duration::from_secs(10);
 /// outside the auth layer by [`crate::OAuth2Layer::with_retry`]).
 #[derive(Debug, Clone)]
 pub struct RetryOnUnauthorizedLayer {
-    cache: TokenCache,
+    cache: CacheId,
     max_replay_body_bytes: usize,
     idempotent_only: bool,
 }
 
 impl RetryOnUnauthorizedLayer {
-    pub(crate) fn new(cache: TokenCache, max_replay_body_bytes: usize) -> Self {
+    pub(crate) fn new(cache: CacheId, max_replay_body_bytes: usize) -> Self {
         Self {
             cache,
             max_replay_body_bytes,
@@ -54,7 +54,7 @@ impl<S> Layer<S> for RetryOnUnauthorizedLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RetryOnUnauthorized {
             inner,
-            cache: self.cache.clone(),
+            cache: self.cache,
             max_replay_body_bytes: self.max_replay_body_bytes,
             idempotent_only: self.idempotent_only,
         }
@@ -81,7 +81,8 @@ impl<S> Layer<S> for RetryOnUnauthorizedLayer {
 /// Errors: the inner service's, unchanged.
 pub struct RetryOnUnauthorized<S> {
     inner: S,
-    cache: TokenCache,
+    // By id: cloning the service per request writes no shared reference count.
+    cache: CacheId,
     max_replay_body_bytes: usize,
     idempotent_only: bool,
 }
@@ -102,7 +103,7 @@ impl<S: Clone> Clone for RetryOnUnauthorized<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            cache: self.cache.clone(),
+            cache: self.cache,
             max_replay_body_bytes: self.max_replay_body_bytes,
             idempotent_only: self.idempotent_only,
         }
@@ -159,7 +160,7 @@ where
                 head,
                 replay,
                 service: self.inner.clone(),
-                cache: self.cache.clone(),
+                cache: self.cache,
             }
         });
         // The polled-ready service sends the first attempt; the clone is made ready for the
@@ -176,7 +177,7 @@ struct Pending<S, B> {
     head: Request<()>,
     replay: Replay<B>,
     service: S,
-    cache: TokenCache,
+    cache: CacheId,
 }
 
 pin_project! {
@@ -275,7 +276,9 @@ where
                     };
                     // The rejected response is dropped before the replay goes out.
                     drop(rejected.take());
-                    pending.cache.record_unauthorized_retry();
+                    if let Some(cache) = pending.cache.cache() {
+                        cache.record_unauthorized_retry();
+                    }
                     this.state.set(State::ReadyToReplay {
                         request: Some(pending.head.map(|()| body)),
                         service: pending.service,

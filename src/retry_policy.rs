@@ -7,7 +7,7 @@ use std::future::{ready, Ready};
 use http::{Request, Response};
 use tower::retry::Policy;
 
-use crate::cache::TokenCache;
+use crate::cache::CacheId;
 use crate::retry::is_idempotent;
 use crate::service::UsedTokenGeneration;
 
@@ -42,13 +42,14 @@ use crate::service::UsedTokenGeneration;
 /// ```
 #[derive(Debug, Clone)]
 pub struct UnauthorizedRetryPolicy {
-    cache: TokenCache,
+    // By id: tower's `Retry` clones the policy per request.
+    cache: CacheId,
     retried: bool,
     idempotent_only: bool,
 }
 
 impl UnauthorizedRetryPolicy {
-    pub(crate) fn new(cache: TokenCache) -> Self {
+    pub(crate) fn new(cache: CacheId) -> Self {
         Self {
             cache,
             retried: false,
@@ -85,7 +86,9 @@ where
             .ok()?
             .extensions()
             .get::<UsedTokenGeneration>()?;
-        self.cache.record_unauthorized_retry();
+        if let Some(cache) = self.cache.cache() {
+            cache.record_unauthorized_retry();
+        }
         self.retried = true;
         Some(ready(()))
     }

@@ -137,7 +137,7 @@ where
                         .headers_mut()
                         .insert(AUTHORIZATION, local.authorization.clone());
                     let future = self.inner.call(request);
-                    return ResponseFuture::called(future, generation, self.cache.clone());
+                    return ResponseFuture::called(future, generation, self.cache.id());
                 }
             } else {
                 // No copy yet (a clone of a service that was never called: `oneshot` on
@@ -160,7 +160,7 @@ where
                     }
                     drop(published);
                     let future = self.inner.call(request);
-                    return ResponseFuture::called(future, generation, self.cache.clone());
+                    return ResponseFuture::called(future, generation, self.cache.id());
                 }
             }
         }
@@ -172,13 +172,13 @@ where
                     .insert(AUTHORIZATION, local.authorization.clone());
                 self.local = Some(local);
                 let future = self.inner.call(request);
-                ResponseFuture::called(future, generation, self.cache.clone())
+                ResponseFuture::called(future, generation, self.cache.id())
             }
             Ok(Lookup::Wait(token)) => {
                 // Keep the service that was polled ready; leave a fresh clone in its place.
                 let clone = self.inner.clone();
                 let ready_inner = mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(token, ready_inner, request, self.cache.clone())
+                ResponseFuture::waiting(token, ready_inner, request, self.cache.id())
             }
             Err(error) => ResponseFuture::failed(error),
         }

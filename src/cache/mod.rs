@@ -21,6 +21,7 @@
 
 mod backoff;
 mod refresh;
+mod registry;
 mod snapshot;
 mod timing;
 
@@ -44,6 +45,7 @@ pub use backoff::{
 };
 pub use refresh::RefreshReason;
 pub(crate) use refresh::RefreshWait;
+pub(crate) use registry::CacheId;
 pub(crate) use timing::saturating_add;
 pub use timing::{REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 
@@ -169,6 +171,8 @@ struct Rejections {
 }
 
 struct Shared {
+    /// This cache's name in the registry, for response futures and bodies ([`CacheId`]).
+    id: CacheId,
     /// `state.current` as the warm path reads it, lock-free. Written only by
     /// [`TokenCache::publish`], under the `state` lock.
     published: Published,
@@ -185,6 +189,12 @@ struct Shared {
     fleet: Option<crate::store::Fleet>,
     token_requests: AtomicU64,
     unauthorized_retries: AtomicU64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        registry::deregister(self.id);
+    }
 }
 
 /// `refresh_ahead_retry_at` when no retry is armed.
@@ -241,28 +251,36 @@ impl TokenCache {
 
     /// A cache whose refreshes go through a token store ([`crate::store`]).
     pub(crate) fn with_fleet(fetcher: TokenFetcher, fleet: Option<crate::store::Fleet>) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                published: Published::new(),
-                refresh_ahead_claimed: AtomicU64::new(NO_TOKEN),
-                refresh_ahead_retry_at: AtomicU64::new(NEVER),
-                epoch: Instant::now(),
-                state: Mutex::new(State {
-                    current: None,
-                    refresh: refresh::Refresh::Idle,
-                    last_generation: NO_TOKEN,
-                    last_error: None,
-                    consecutive_failures: 0,
-                    last_flight_id: 0,
-                    rejections: Rejections::default(),
-                    invalidated_by_user: false,
-                }),
-                fetcher,
-                fleet,
-                token_requests: AtomicU64::new(0),
-                unauthorized_retries: AtomicU64::new(0),
+        let shared = Arc::new(Shared {
+            id: CacheId::next(),
+            published: Published::new(),
+            refresh_ahead_claimed: AtomicU64::new(NO_TOKEN),
+            refresh_ahead_retry_at: AtomicU64::new(NEVER),
+            epoch: Instant::now(),
+            state: Mutex::new(State {
+                current: None,
+                refresh: refresh::Refresh::Idle,
+                last_generation: NO_TOKEN,
+                last_error: None,
+                consecutive_failures: 0,
+                last_flight_id: 0,
+                rejections: Rejections::default(),
+                invalidated_by_user: false,
             }),
-        }
+            fetcher,
+            fleet,
+            token_requests: AtomicU64::new(0),
+            unauthorized_retries: AtomicU64::new(0),
+        });
+        registry::register(&shared);
+        Self { shared }
+    }
+
+    /// This cache's id: what a response future or body keeps (a copy, no reference count) to
+    /// find the cache when a token rejection arrives.
+    #[inline]
+    pub(crate) fn id(&self) -> CacheId {
+        self.shared.id
     }
 
     /// The generation of the usable cached token, 0 when there is none. One atomic load.
@@ -648,6 +666,12 @@ mod tests {
             .unwrap();
         let cache = TokenCache::new(TokenFetcher::with_default_transport(&config).unwrap());
         let weak = Arc::downgrade(&cache.shared);
+        let id = cache.id();
+        assert!(
+            id.cache().is_some_and(|found| Arc::ptr_eq(&found.shared, &cache.shared)),
+            "a live cache is found by its id"
+        );
+        assert_ne!(id, TokenCache::new(cache.fetcher().clone()).id(), "ids are unique");
         match cache.lookup(Instant::now()) {
             Ok(Lookup::Wait(wait)) => assert!(wait.await.is_err()),
             _ => panic!("a cold cache waits for its first token"),
@@ -658,6 +682,7 @@ mod tests {
             weak.upgrade().is_none(),
             "no task or timer keeps the cache alive"
         );
+        assert!(id.cache().is_none(), "a dropped cache leaves the registry");
     }
 
     #[tokio::test]
