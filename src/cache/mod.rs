@@ -668,10 +668,15 @@ mod tests {
         let weak = Arc::downgrade(&cache.shared);
         let id = cache.id();
         assert!(
-            id.cache().is_some_and(|found| Arc::ptr_eq(&found.shared, &cache.shared)),
+            id.cache()
+                .is_some_and(|found| Arc::ptr_eq(&found.shared, &cache.shared)),
             "a live cache is found by its id"
         );
-        assert_ne!(id, TokenCache::new(cache.fetcher().clone()).id(), "ids are unique");
+        assert_ne!(
+            id,
+            TokenCache::new(cache.fetcher().clone()).id(),
+            "ids are unique"
+        );
         match cache.lookup(Instant::now()) {
             Ok(Lookup::Wait(wait)) => assert!(wait.await.is_err()),
             _ => panic!("a cold cache waits for its first token"),
