@@ -44,6 +44,48 @@ async fn a_huge_token_response_stops_at_the_cap() {
     );
 }
 
+/// The cap counts the body's bytes, whether the length is announced (`Content-Length`) or only
+/// known once read (chunked): exactly the cap is read, one byte more is refused.
+#[tokio::test]
+async fn a_body_of_exactly_the_cap_is_read_and_one_byte_more_is_refused() {
+    const CAP: usize = 256;
+    let body_of_length = |length: usize| {
+        let json = r#"{"access_token":"capped-token","expires_in":60}"#;
+        format!("{json}{}", " ".repeat(length - json.len()))
+    };
+    for framing in ["content-length", "chunked"] {
+        for (length, fits) in [(CAP, true), (CAP + 1, false)] {
+            let server = server(Duration::from_secs(60)).await;
+            let mut response = ScriptedResponse::json(200, body_of_length(length));
+            if framing == "chunked" {
+                response = response.header("transfer-encoding", "chunked");
+            }
+            server.push_token_response(response);
+            let config = config_builder(&server)
+                .max_token_response_bytes(CAP)
+                .build()
+                .unwrap();
+            let layer = nuvy_oauth2::OAuth2Layer::new(config).unwrap();
+            let result = layer.token().await;
+            let case = format!("{length} bytes, {framing}");
+            if fits {
+                assert_eq!(
+                    result.expect(&case).expose_secret(),
+                    "capped-token",
+                    "{case}"
+                );
+            } else {
+                assert_eq!(
+                    result.map(|_| ()).expect_err(&case).kind(),
+                    &ErrorKind::ResponseTooLarge { limit: CAP },
+                    "{case}"
+                );
+            }
+            assert_eq!(server.token_requests(), 1, "{case}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_success_status_with_an_error_field_or_an_empty_token_never_reaches_the_api() {
     for body in [r#"{"error":"invalid_client"}"#, r#"{"access_token":""}"#] {

@@ -327,3 +327,81 @@ impl fmt::Debug for TokenFetcher {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientAuthentication, ClientCredentials};
+    use http_body::Frame;
+    use http_body_util::channel::Channel;
+
+    /// A body of these data frames with no length announced (as a chunked response).
+    fn unannounced(frames: &[usize]) -> TokenTransportBody {
+        let (mut sender, body) = Channel::<Bytes, BoxError>::new(frames.len() + 1);
+        for &length in frames {
+            sender
+                .try_send(Frame::data(Bytes::from(vec![b'x'; length])))
+                .unwrap();
+        }
+        body.boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn every_frame_counts_against_the_cap_when_no_length_is_announced() {
+        for (frames, fits) in [
+            (&[8, 8][..], true),
+            (&[16][..], true),
+            (&[17][..], false),
+            (&[16, 1][..], false),
+            (&[1; 17][..], false),
+        ] {
+            match read_capped(unannounced(frames), 16).await {
+                Ok(body) if fits => {
+                    assert_eq!(body.len(), frames.iter().sum::<usize>(), "{frames:?}")
+                }
+                Err(ReadError::TooLarge(error)) if !fits => {
+                    assert_eq!(error.kind(), &ErrorKind::ResponseTooLarge { limit: 16 });
+                }
+                Ok(_) => panic!("{frames:?}: read although over the cap"),
+                Err(_) => panic!("{frames:?}: refused although within the cap"),
+            }
+        }
+    }
+
+    #[test]
+    fn debug_shows_the_endpoint_timeout_and_cap_but_never_the_credentials() {
+        for style in [
+            ClientAuthentication::RequestBody,
+            ClientAuthentication::BasicRaw,
+        ] {
+            let config = OAuth2Config::builder(ClientCredentials::new(
+                "debug-client",
+                "debug-secret-marker",
+            ))
+            .token_endpoint("https://auth.example/oauth2/token?tenant=query-marker")
+            .client_authentication(style)
+            .token_request_timeout(Duration::from_secs(7))
+            .max_token_response_bytes(1234)
+            .build()
+            .unwrap();
+            let fetcher = TokenFetcher::with_default_transport(&config).unwrap();
+            let debug = format!("{fetcher:?}");
+            for shown in [
+                "TokenFetcher",
+                "TokenRequestTemplate",
+                "https://auth.example/oauth2/token?<redacted>",
+                "timeout: 7s",
+                "max_body_bytes: 1234",
+            ] {
+                assert!(debug.contains(shown), "{shown} missing from {debug}");
+            }
+            let basic = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                "debug-client:debug-secret-marker",
+            );
+            for hidden in ["debug-secret-marker", "query-marker", basic.as_str()] {
+                assert!(!debug.contains(hidden), "{hidden} in {debug}");
+            }
+        }
+    }
+}

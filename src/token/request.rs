@@ -164,6 +164,40 @@ mod tests {
     }
 
     #[test]
+    fn debug_names_the_endpoint_without_its_query_and_never_the_credentials() {
+        for style in [
+            ClientAuthentication::RequestBody,
+            ClientAuthentication::BasicRaw,
+            ClientAuthentication::BasicFormEncoded,
+        ] {
+            let config =
+                OAuth2Config::builder(ClientCredentials::new("my client", "s3cret-marker"))
+                    .token_endpoint("https://auth.example/oauth2/token?key=query-marker")
+                    .client_authentication(style)
+                    .build()
+                    .unwrap();
+            let template = TokenRequestTemplate::from_config(&config).unwrap();
+            let debug = format!("{template:?}");
+            assert!(
+                debug.starts_with("TokenRequestTemplate")
+                    && debug.contains("https://auth.example/oauth2/token?<redacted>"),
+                "{debug}"
+            );
+            let sent = template.build();
+            let authorization = sent
+                .headers()
+                .get(AUTHORIZATION)
+                .map(|value| value.to_str().unwrap().to_owned());
+            for hidden in ["s3cret-marker", "query-marker", "Basic", "client_secret"]
+                .into_iter()
+                .chain(authorization.as_deref())
+            {
+                assert!(!debug.contains(hidden), "{hidden} in {debug}");
+            }
+        }
+    }
+
+    #[test]
     fn nuvy_environments_use_raw_basic_and_custom_endpoints_rfc_encoding() {
         let credentials = ClientCredentials::new("a b", "c");
         let nuvy = OAuth2Config::builder(credentials.clone()).build().unwrap();
