@@ -182,7 +182,7 @@ pub(crate) fn parse_token_response(
     }
 
     let lifetime = match json.get("expires_in") {
-        None | Some(Value::Null) => jwt_lifetime(access_token)
+        None | Some(Value::Null) => jwt_lifetime(access_token, SystemTime::now())
             .map_err(|reason| invalid("access_token", reason))?
             .unwrap_or(DEFAULT_TOKEN_LIFETIME),
         Some(value) => parse_expires_in(value).map_err(|reason| invalid("expires_in", reason))?,
@@ -298,9 +298,9 @@ fn number_seconds(integer: Option<u64>, float: Option<f64>) -> Result<Duration, 
     }
 }
 
-/// When the token is a JWT with a numeric `exp` claim, its remaining lifetime. `Ok(None)` when
-/// it is not a JWT or has no usable `exp`.
-fn jwt_lifetime(token: &str) -> Result<Option<Duration>, &'static str> {
+/// When the token is a JWT with a numeric `exp` claim, its remaining lifetime at `now` (wall
+/// clock, as `exp` is: RFC 7519 §4.1.4). `Ok(None)` when it is not a JWT or has no usable `exp`.
+fn jwt_lifetime(token: &str, now: SystemTime) -> Result<Option<Duration>, &'static str> {
     let mut parts = token.split('.');
     let (Some(_header), Some(payload), Some(_signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -316,7 +316,7 @@ fn jwt_lifetime(token: &str) -> Result<Option<Duration>, &'static str> {
     let Some(exp) = claims.get("exp").and_then(Value::as_f64) else {
         return Ok(None);
     };
-    let now = SystemTime::now()
+    let now = now
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
@@ -549,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn rejections_carry_rfc_6749_fields_and_the_seed_remedy() {
+    fn rejections_carry_rfc_6749_fields_and_the_nuvy_docs_remedy() {
         let error = err(
             400,
             Some("application/json;charset=UTF-8"),
@@ -572,6 +572,178 @@ mod tests {
         let error = err(401, Some("text/plain"), "nope");
         assert!(error.is_invalid_client());
         assert_eq!(error.status(), Some(StatusCode::UNAUTHORIZED));
+    }
+
+    #[test]
+    fn the_granted_scope_is_read_from_a_string_or_an_array_as_single_spaced_tokens() {
+        let scope = |value: &str| {
+            ok(&format!(
+                r#"{{"access_token":"a","expires_in":60,"scope":{value}}}"#
+            ))
+            .scope
+        };
+        assert_eq!(
+            scope(r#"" read  write\tadmin ""#).as_deref(),
+            Some("read write admin")
+        );
+        assert_eq!(
+            scope(r#"["read", "write admin", 7, null, " "]"#).as_deref(),
+            Some("read write admin")
+        );
+        // Control characters are dropped, not turned into separators.
+        assert_eq!(
+            scope(r#""re\u0007ad write""#).as_deref(),
+            Some("read write")
+        );
+        for nothing in [r#""""#, r#"" \t ""#, "[]", "[1, true]", "42", "{}", "null"] {
+            assert_eq!(scope(nothing), None, "{nothing}");
+        }
+        assert_eq!(ok(r#"{"access_token":"a","expires_in":60}"#).scope, None);
+        let long = "s".repeat(MAX_SCOPE_CHARS + 10);
+        assert_eq!(
+            scope(&format!(r#""{long}""#)).map(|scope| scope.len()),
+            Some(MAX_SCOPE_CHARS)
+        );
+    }
+
+    #[test]
+    fn only_a_2xx_or_a_4xx_other_than_408_and_429_has_a_body_worth_reading() {
+        for (status, ignored) in [
+            (200, false),
+            (204, false),
+            (400, false),
+            (401, false),
+            (403, false),
+            (404, false),
+            (408, true),
+            (429, true),
+            (302, true),
+            (500, true),
+            (503, true),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(body_is_ignored(status), ignored, "{status}");
+        }
+    }
+
+    #[test]
+    fn an_error_code_makes_a_4xx_a_rejection_but_a_3xx_5xx_408_or_429_stays_its_status() {
+        let body = r#"{"error":"access_denied","error_description":"no"}"#;
+        for status in [403, 404, 409] {
+            let error = err(status, Some("application/json"), body);
+            assert_eq!(
+                error
+                    .token_error_fields()
+                    .and_then(|fields| fields.error.as_deref()),
+                Some("access_denied"),
+                "{status}"
+            );
+            assert_eq!(error.status(), StatusCode::from_u16(status).ok());
+        }
+        for status in [302, 408, 429, 500, 503] {
+            let error = err(status, Some("application/json"), body);
+            assert!(
+                matches!(
+                    error.kind(),
+                    ErrorKind::UnexpectedStatus { status: got, .. } if got.as_u16() == status
+                ),
+                "{status}: {error:?}"
+            );
+        }
+        // Without an error code a 4xx other than 400 and 401 is its status too.
+        assert!(matches!(
+            err(403, Some("text/html"), "<html>no</html>").kind(),
+            ErrorKind::UnexpectedStatus { .. }
+        ));
+    }
+
+    #[test]
+    fn each_unusable_expires_in_is_refused_with_its_reason() {
+        let reason = |value: &str| {
+            let body = format!(r#"{{"access_token":"a","expires_in":{value}}}"#);
+            match err(200, None, &body).kind() {
+                ErrorKind::InvalidTokenResponse {
+                    field: "expires_in",
+                    reason,
+                    ..
+                } => *reason,
+                other => panic!("{value}: {other:?}"),
+            }
+        };
+        for (value, expected) in [
+            ("-5", "is negative"),
+            ("-0.5", "is negative"),
+            ("\"-5\"", "is negative"),
+            ("-1e400", "is negative"),
+            ("0", "is zero"),
+            ("0.0", "is zero"),
+            ("-0.0", "is zero"),
+            ("\"0.0\"", "is zero"),
+            ("0.999", "is zero"),
+            ("\"abc\"", "is not a number"),
+            ("\"1e3\"", "is not a number"),
+            ("true", "is not a number"),
+        ] {
+            assert_eq!(reason(value), expected, "{value}");
+        }
+        // One second is the shortest lifetime, in every notation.
+        for value in ["1", "1.0", "\"1\"", "\"1.0\""] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{value}}}"#);
+            assert_eq!(ok(&body).lifetime, Duration::from_secs(1), "{value}");
+        }
+    }
+
+    #[test]
+    fn seconds_that_are_not_a_number_are_refused_not_clamped() {
+        assert_eq!(number_seconds(None, Some(f64::NAN)), Err("is not a number"));
+        assert_eq!(number_seconds(None, None), Err("is not a number"));
+        assert_eq!(
+            number_seconds(None, Some(f64::INFINITY)),
+            Ok(MAX_TOKEN_LIFETIME)
+        );
+        assert_eq!(
+            number_seconds(None, Some(f64::NEG_INFINITY)),
+            Err("is negative")
+        );
+    }
+
+    #[test]
+    fn a_jwt_with_one_second_left_is_used_and_one_with_less_is_refused() {
+        let at = |seconds: f64| UNIX_EPOCH + Duration::from_secs_f64(seconds);
+        let token = jwt(r#"{"exp":1000}"#);
+        assert_eq!(
+            jwt_lifetime(&token, at(999.0)),
+            Ok(Some(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            jwt_lifetime(&token, at(400.0)),
+            Ok(Some(Duration::from_secs(600)))
+        );
+        assert!(jwt_lifetime(&token, at(999.5)).is_err());
+        assert!(jwt_lifetime(&token, at(1000.0)).is_err());
+        assert!(jwt_lifetime(&token, at(2000.0)).is_err());
+        for not_a_jwt in ["opaque", "a.b", "a.b.c.d", "a.!!!.c"] {
+            assert_eq!(jwt_lifetime(not_a_jwt, at(0.0)), Ok(None), "{not_a_jwt}");
+        }
+        for claims in [r#"{"exp":"1000"}"#, r#"{"sub":"x"}"#, "[1000]"] {
+            assert_eq!(jwt_lifetime(&jwt(claims), at(0.0)), Ok(None), "{claims}");
+        }
+    }
+
+    #[test]
+    fn a_field_too_deeply_nested_to_read_counts_as_absent() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(
+            ok(&format!(r#"{{"access_token":"a","expires_in":{deep}}}"#)).lifetime,
+            DEFAULT_TOKEN_LIFETIME
+        );
+        assert_eq!(
+            ok(&format!(
+                r#"{{"access_token":"a","expires_in":60,"x":{deep}}}"#
+            ))
+            .lifetime,
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
