@@ -257,6 +257,162 @@ async fn a_401_removes_the_rejected_token_for_the_whole_fleet() {
     assert_eq!(server.token_requests(), 2, "one new token for the fleet");
 }
 
+/// A connection of the test's own to `redis`, for looking at what the stores did.
+async fn inspect(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Subscribers of the stores' announcement channels (`nuvy-oauth2:{<key>}:events`), summed.
+async fn subscribers(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("nuvy-oauth2:*")
+        .query_async(connection)
+        .await
+        .unwrap();
+    if channels.is_empty() {
+        return 0;
+    }
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channels)
+        .query_async(connection)
+        .await
+        .unwrap();
+    counts.iter().map(|(_, count)| count).sum()
+}
+
+/// Waits (bounded: 10 s of real time, looking every 10 ms) until `condition` holds.
+async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut condition: F) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < give_up, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How many times Redis ran `command` (lowercase), from `INFO commandstats`.
+async fn command_calls(connection: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(connection)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_announced_through_redis_spares_the_other_processes_their_own_401() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let a = layer(&server).with_token_store(store(&redis));
+    let b = layer(&server).with_token_store(store(&redis));
+    for layer in [&a, &b] {
+        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(server.token_requests(), 1, "both hold the one token");
+    // Each store subscribed with its first operation.
+    eventually("both stores subscribed", async || {
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+
+    server.revoke_all_tokens();
+    let status = status_of(api(&a), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "A's 401 was replayed with a new token"
+    );
+    assert_eq!(server.api_unauthorized(), 1);
+    assert_eq!(server.token_requests(), 2);
+
+    // A's removal was announced: B drops the rejected token without having used it.
+    eventually("B dropped the token A had rejected", async || {
+        b.token_cache().current_generation() == 0
+    })
+    .await;
+    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        server.api_unauthorized(),
+        1,
+        "B never sent the rejected token"
+    );
+    assert_eq!(b.token_cache().unauthorized_retries(), 0);
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "B took A's new token from Redis"
+    );
+    assert_eq!(b.token_cache().token_requests(), 0);
+
+    // The subscriptions go with the layers: no connection or task outlives them.
+    drop((a, b));
+    eventually("the subscriptions ended with the layers", async || {
+        subscribers(&mut inspector).await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_waiting_for_the_fleet_token_wakes_when_it_is_saved_not_at_its_next_poll() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    server.delay_next_token_requests(1, Duration::from_secs(2));
+    // Polling alone would look again only after ten minutes, far past the refresh's deadline
+    // (the 10 s token request timeout): only the announcement of the save can wake B in time.
+    let store = || {
+        RedisTokenStore::builder(redis.url())
+            .sealing_key(sealing_key())
+            .operation_timeout(Duration::from_secs(2))
+            .poll_interval(Duration::from_secs(600))
+            .build()
+            .unwrap()
+    };
+    let a = layer(&server).with_token_store(store());
+    let b = layer(&server).with_token_store(store());
+    let holder = tokio::spawn(status_of(api(&a), get(&server.api_url("/v1/ping"))));
+    // A holds the fleet's lock and waits for its (slow) token response.
+    eventually("A took the lock", async || {
+        let locks: Vec<String> = redis::cmd("KEYS")
+            .arg("nuvy-oauth2:*:lock")
+            .query_async(&mut inspector)
+            .await
+            .unwrap();
+        !locks.is_empty()
+    })
+    .await;
+    assert_eq!(server.token_requests_in_flight(), 1);
+    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(holder.await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(server.token_requests(), 1);
+    assert_eq!(b.token_cache().token_requests(), 0, "B took A's token");
+    // Looks at the store: A's before taking the lock and under it, B's before waiting and
+    // once woken. No poll.
+    assert_eq!(command_calls(&mut inspector, "mget").await, 4);
+}
+
 /// One member of a fleet of OS processes: this test binary started again with
 /// `FLEET_MEMBER_TOKEN_ENDPOINT` set (see the next test). Does nothing otherwise.
 #[tokio::test]

@@ -273,7 +273,36 @@ impl TokenCache {
             unauthorized_retries: AtomicU64::new(0),
         });
         registry::register(&shared);
+        if let Some(fleet) = &shared.fleet {
+            // Weak: the store's subscription never keeps the cache alive.
+            let weak = Arc::downgrade(&shared);
+            fleet.on_removed_elsewhere(Box::new(move |still_rejected| {
+                if let Some(shared) = weak.upgrade() {
+                    TokenCache { shared }.drop_rejected_elsewhere(still_rejected);
+                }
+            }));
+        }
         Self { shared }
+    }
+
+    /// Drops the cached token because another process of the fleet had it rejected (a 401
+    /// announced through the token store), if `still_rejected()`, asked under the cache's lock,
+    /// says the cached token is still the rejected one. The next request then refreshes (from
+    /// the store or the token endpoint) instead of spending a 401. Returns whether it dropped.
+    fn drop_rejected_elsewhere(&self, still_rejected: &dyn Fn() -> bool) -> bool {
+        let mut state = self.lock();
+        let Some(generation) = state.current.as_ref().map(|token| token.local.generation) else {
+            return false;
+        };
+        if !still_rejected() {
+            return false;
+        }
+        self.set_current(&mut state, None);
+        tracing::debug!(
+            generation,
+            "access token dropped: another process of the fleet had it rejected"
+        );
+        true
     }
 
     /// This cache's id: what a response future or body keeps (a copy, no reference count) to

@@ -2,14 +2,15 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Fence, StoreEntry, StoreKey, TokenPayload, TokenStore};
+use super::{Fence, StoreEntry, StoreEvent, StoreKey, StoreListener, TokenPayload, TokenStore};
 use crate::cache::{RefreshReason, REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 use crate::error::Error;
 use crate::secret::AccessToken;
@@ -24,22 +25,62 @@ const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest interval between two looks at the store while waiting: 200 ms.
 const MAX_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// A cache's store, the key of its configuration, and the generation of the stored token it
-/// holds.
+/// A cache's store, the key of its configuration, and what the cache knows of the stored token.
 pub(crate) struct Fleet {
     store: Arc<dyn TokenStore>,
     key: StoreKey,
-    /// The store generation of the token this cache last took or saved (0: none).
+    /// Shared with the store's subscription (which holds it weakly): gone with the cache.
+    watch: Arc<Watch>,
+}
+
+/// The cache's side of the store's events ([`StoreEvent`]).
+struct Watch {
+    /// The store generation of the token this cache last took or saved (0: none, or its
+    /// current token was requested without the store).
     seen: AtomicU64,
+    /// Woken by [`StoreEvent::Saved`]: waiters for another process's token look again.
+    saved: Notify,
+    /// Drops the cache's token when the check it is given (asked under the cache's lock)
+    /// holds; set once by the cache ([`Fleet::on_removed_elsewhere`]).
+    drop_local: OnceLock<DropLocal>,
+}
+
+/// See [`Watch::drop_local`].
+pub(crate) type DropLocal = Box<dyn Fn(&dyn Fn() -> bool) + Send + Sync>;
+
+impl StoreListener for Watch {
+    fn on_event(&self, event: StoreEvent) {
+        match event {
+            StoreEvent::Saved { .. } => self.saved.notify_waiters(),
+            StoreEvent::Removed { generation } if generation != 0 => {
+                if let Some(drop_local) = self.drop_local.get() {
+                    // Only while the cached token is still the removed one: a token taken or
+                    // saved since (`seen` moves before the cache installs it) stays.
+                    drop_local(&|| self.seen.load(Ordering::Acquire) == generation);
+                }
+            }
+            StoreEvent::Removed { .. } => {}
+        }
+    }
 }
 
 impl Fleet {
     pub(crate) fn new(store: Arc<dyn TokenStore>, key: StoreKey) -> Self {
-        Self {
-            store,
-            key,
+        let watch = Arc::new(Watch {
             seen: AtomicU64::new(0),
-        }
+            saved: Notify::new(),
+            drop_local: OnceLock::new(),
+        });
+        let listener: Arc<dyn StoreListener> = watch.clone();
+        let listener: Weak<dyn StoreListener> = Arc::downgrade(&listener);
+        store.subscribe(&key, listener);
+        Self { store, key, watch }
+    }
+
+    /// How the cache drops its token when another process had it rejected
+    /// ([`StoreEvent::Removed`] for the generation it holds). Set once; later calls do nothing.
+    pub(crate) fn on_removed_elsewhere(&self, drop_local: DropLocal) {
+        let _ = self.watch.drop_local.set(drop_local);
     }
 }
 
@@ -95,6 +136,7 @@ impl Fleet {
             Ok(result) => result,
             Err(Unavailable::Store) => {
                 tracing::debug!("token store unavailable: requesting a token for this process");
+                self.watch.seen.store(0, Ordering::Release);
                 send(fetcher, requests, deadline).await
             }
         }
@@ -127,7 +169,7 @@ impl Fleet {
         let key = &self.key;
         // After a 401: the rejected token goes from the store too, unless it was replaced.
         let rejected = if reason == RefreshReason::AfterUnauthorized {
-            let seen = self.seen.load(Ordering::Acquire);
+            let seen = self.watch.seen.load(Ordering::Acquire);
             if seen != 0 && self.op(deadline, store.remove(key, seen)).await? {
                 tracing::debug!(
                     generation = seen,
@@ -138,8 +180,14 @@ impl Fleet {
         } else {
             0
         };
-        let mut poll = MIN_POLL_INTERVAL;
+        let (mut poll, max_poll) = match store.poll_interval() {
+            Some(interval) => (interval, interval),
+            None => (MIN_POLL_INTERVAL, MAX_POLL_INTERVAL),
+        };
         loop {
+            // Listening before the look, so that a save announced in between is not missed.
+            let mut saved = std::pin::pin!(self.watch.saved.notified());
+            saved.as_mut().enable();
             let entry = self.op(deadline, store.load(key)).await?;
             if let Some(token) = self.usable(&entry, rejected) {
                 tracing::debug!(
@@ -157,13 +205,14 @@ impl Fleet {
                     .refresh_for_fleet(fetcher, requests, deadline, fence, rejected)
                     .await);
             }
-            // Another process is requesting the token: look again shortly, until the deadline.
+            // Another process is requesting the token: look again when it announces the save,
+            // or after the poll interval, until the deadline.
             let now = Instant::now();
             if now >= deadline {
                 return Ok(Err(fetcher.timeout_error()));
             }
-            tokio::time::sleep_until(deadline.min(now + poll)).await;
-            poll = (poll * 2).min(MAX_POLL_INTERVAL);
+            let _ = tokio::time::timeout_at(deadline.min(now + poll), saved).await;
+            poll = (poll * 2).min(max_poll);
         }
     }
 
@@ -181,7 +230,10 @@ impl Fleet {
         // A token may have been saved between the look and the lock.
         let entry = match self.op(deadline, store.load(key)).await {
             Ok(entry) => entry,
-            Err(Unavailable::Store) => return send(fetcher, requests, deadline).await,
+            Err(Unavailable::Store) => {
+                self.watch.seen.store(0, Ordering::Release);
+                return send(fetcher, requests, deadline).await;
+            }
         };
         if let Some(token) = self.usable(&entry, rejected) {
             let _ = self.op(deadline, store.unlock(key, &fence)).await;
@@ -202,14 +254,17 @@ impl Fleet {
                     .await
                 {
                     Ok(Some(generation)) => {
-                        self.seen.store(generation, Ordering::Release);
+                        self.watch.seen.store(generation, Ordering::Release);
                         tracing::debug!(generation, "access token saved in the token store");
                     }
-                    Ok(None) => tracing::debug!(
-                        "a newer token was saved in the token store meanwhile; this one is \
-                         kept by this process only"
-                    ),
-                    Err(Unavailable::Store) => {}
+                    Ok(None) => {
+                        self.watch.seen.store(0, Ordering::Release);
+                        tracing::debug!(
+                            "a newer token was saved in the token store meanwhile; this one is \
+                             kept by this process only"
+                        );
+                    }
+                    Err(Unavailable::Store) => self.watch.seen.store(0, Ordering::Release),
                 }
             }
             Err(_) => {
@@ -232,7 +287,7 @@ impl Fleet {
             return None;
         }
         let token = decode(entry.token.as_ref()?)?;
-        self.seen.store(entry.generation, Ordering::Release);
+        self.watch.seen.store(entry.generation, Ordering::Release);
         Some(token)
     }
 }

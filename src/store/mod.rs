@@ -14,8 +14,14 @@
 //! 3. otherwise takes the fleet's refresh lock ([`TokenStore::try_lock`]) and sends the token
 //!    request, then saves the token ([`TokenStore::save`], compare-and-set by generation: a
 //!    refresh whose lock was lost never overwrites a newer token);
-//! 4. or, while another process holds the lock, polls the store until that token appears, the
-//!    lock is released or expires (then it tries itself), or the flight's deadline passes.
+//! 4. or, while another process holds the lock, waits until that token appears (woken by the
+//!    store's [`StoreEvent::Saved`] where the store announces saves, else by polling), the lock
+//!    is released or expires (then it tries itself), or the flight's deadline passes.
+//!
+//! A store that announces changes ([`TokenStore::subscribe`]; `RedisTokenStore` does, over
+//! Redis pub/sub) also tells every cache of the key when a 401 removed the stored token
+//! ([`StoreEvent::Removed`]): a cache still holding that token drops it, so its next request
+//! refreshes instead of spending a 401 of its own.
 //!
 //! A store that fails or is too slow never fails a request: the flight then sends its own
 //! token request, as a cache without a store does.
@@ -35,6 +41,7 @@ mod seal;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Weak;
 use std::time::Duration;
 
 use tower::BoxError;
@@ -164,4 +171,48 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// Removes the token of `key` if it is still of `generation` (compare-and-delete, after a
     /// 401 for it), keeping the generation number. Returns whether it removed it.
     fn remove<'a>(&'a self, key: &'a StoreKey, generation: u64) -> StoreFuture<'a, bool>;
+
+    /// Asks the store to call `listener` with the [`StoreEvent`]s of `key` (a save, a removal
+    /// after a 401), made by any process sharing the store, this one included, for as long as
+    /// `listener` is alive (the store keeps only this `Weak`). Best effort: an event may be
+    /// lost (a store outage, a reconnection), so caches still poll and still retry after
+    /// their own 401. The default announces nothing: caches then only poll.
+    fn subscribe(&self, key: &StoreKey, listener: Weak<dyn StoreListener>) {
+        let _ = (key, listener);
+    }
+
+    /// The fixed interval at which a cache waiting for another process's token request looks
+    /// at the store, or `None` (the default) for the crate's schedule: after 10 ms, doubling
+    /// up to 200 ms. A store that announces saves ([`StoreEvent::Saved`]) wakes its waiters at
+    /// once; polling is the fallback when an announcement is lost.
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// A change to the token under one [`StoreKey`], as a store announces it to the caches that
+/// subscribed to the key ([`TokenStore::subscribe`]). Carries a generation number only, never
+/// a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// A token was saved as `generation` ([`TokenStore::save`]): caches waiting for another
+    /// process's token request look at the store now.
+    Saved {
+        /// The generation of the saved token.
+        generation: u64,
+    },
+    /// The token of `generation` was removed after a 401 ([`TokenStore::remove`]): a cache
+    /// still using that token drops it and refreshes on its next request.
+    Removed {
+        /// The generation of the rejected token.
+        generation: u64,
+    },
+}
+
+/// Receives the [`StoreEvent`]s of one key ([`TokenStore::subscribe`]). Stores may call it
+/// from their connection's task: it must return quickly and never block on I/O.
+pub trait StoreListener: Send + Sync + 'static {
+    /// One event of the key the listener subscribed to.
+    fn on_event(&self, event: StoreEvent);
 }

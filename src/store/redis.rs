@@ -1,18 +1,21 @@
 //! [`RedisTokenStore`]: the token store of a fleet of processes, on Redis through the `redis`
 //! crate's tokio connection manager.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::{ProtocolVersion, PushInfo, PushKind, Script, Value};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tower::BoxError;
 
 use super::seal::{Sealing, SealingKey};
-use super::{Fence, StoreEntry, StoreFuture, StoreKey, TokenPayload, TokenStore};
+use super::{
+    Fence, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener, TokenPayload, TokenStore,
+};
 use crate::error::{Error, ErrorKind};
 
 /// Default bound on each Redis operation (a command or a script): 500 ms. A store that does not
@@ -27,13 +30,15 @@ pub const MIN_REDIS_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between two attempts to reach Redis during an outage: 30 s.
 pub const MAX_REDIS_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// Default prefix of the Redis keys: `nuvy-oauth2`. The keys of one configuration are
-/// `<prefix>:{<StoreKey>}:token`, `…:generation` and `…:lock`; the braces are a Redis Cluster
-/// hash tag, so all three live on one slot.
+/// `<prefix>:{<StoreKey>}:token`, `…:generation` and `…:lock`, and its pub/sub channel is
+/// `<prefix>:{<StoreKey>}:events`; the braces are a Redis Cluster hash tag, so all of them
+/// live on one slot.
 pub const DEFAULT_REDIS_KEY_PREFIX: &str = "nuvy-oauth2";
 
-/// Saves a token if the generation is still the expected one, and releases the lock if the
-/// fence still holds it. KEYS: generation, token, lock. ARGV: expected generation, sealed
-/// token, time to live (ms), fence. Returns the new generation, or 0 when nothing was saved.
+/// Saves a token if the generation is still the expected one, announces it, and releases the
+/// lock if the fence still holds it. KEYS: generation, token, lock. ARGV: expected generation,
+/// sealed token, time to live (ms), fence, publish command, channel. Returns the new
+/// generation, or 0 when nothing was saved.
 const SAVE: &str = r"
 local saved = 0
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -41,6 +46,7 @@ if current == tonumber(ARGV[1]) then
   saved = current + 1
   redis.call('SET', KEYS[1], saved)
   redis.call('SET', KEYS[2], saved .. ':' .. ARGV[2], 'PX', ARGV[3])
+  redis.call(ARGV[5], ARGV[6], 'saved:' .. saved)
 end
 if redis.call('GET', KEYS[3]) == ARGV[4] then
   redis.call('DEL', KEYS[3])
@@ -56,11 +62,14 @@ end
 return 0
 ";
 
-/// Deletes the token if it is still of the given generation. KEYS: token. ARGV: generation.
+/// Deletes the token if it is still of the given generation, and announces it. KEYS: token.
+/// ARGV: generation, publish command, channel.
 const REMOVE: &str = r"
 local value = redis.call('GET', KEYS[1])
 if value and string.match(value, '^(%d+):') == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call(ARGV[2], ARGV[3], 'removed:' .. ARGV[1])
+  return 1
 end
 return 0
 ";
@@ -76,6 +85,16 @@ return 0
 /// outage and answers nothing for [`MIN_REDIS_RETRY_BACKOFF`] (doubling up to
 /// [`MAX_REDIS_RETRY_BACKOFF`]): each process then requests its own tokens, as without a
 /// store. The first operation that succeeds again logs an INFO and ends the outage.
+///
+/// **Announcements.** Each save and each removal after a 401 is published, from inside its
+/// script, on the key's channel (`<prefix>:{<StoreKey>}:events`, messages `saved:<generation>`
+/// and `removed:<generation>`: never a token). Every store subscribes to the channels of its
+/// layers over a dedicated RESP3 connection (Redis 6 or later; resubscribed after a
+/// reconnection): a process waiting for another's token request wakes when it is saved, and a
+/// process still using a token that another had rejected drops it before its next request
+/// spends a 401. Announcements are best effort: a lost one costs a poll (waiters) or a 401
+/// and its replay (rejections), as without them. The subscription is made by the first store
+/// operation of a layer (its first refresh), off the request path, and ends with the store.
 ///
 /// ```no_run
 /// # fn run(config: nuvy_oauth2::OAuth2Config) -> Result<(), nuvy_oauth2::Error> {
@@ -98,13 +117,71 @@ struct Inner {
     client: redis::Client,
     /// Made on first use, inside the runtime that uses it.
     connection: OnceCell<ConnectionManager>,
+    /// The subscriptions' own RESP3 connection, made on first use; it calls `listeners` with
+    /// every message and resubscribes by itself after a reconnection.
+    subscriber: OnceCell<ConnectionManager>,
+    listeners: Arc<Listeners>,
+    /// Channels with listeners, and whether the subscriber connection confirmed each.
+    channels: Mutex<HashMap<String, bool>>,
     sealing: Sealing,
     prefix: String,
     timeout: Duration,
+    poll_interval: Option<Duration>,
     outage: Mutex<Outage>,
     save: Script,
     unlock: Script,
     remove: Script,
+}
+
+/// The listeners of each channel, held weakly: a listener goes with its cache.
+#[derive(Default)]
+struct Listeners(Mutex<HashMap<String, Vec<Weak<dyn StoreListener>>>>);
+
+impl Listeners {
+    fn add(&self, channel: &str, listener: Weak<dyn StoreListener>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = map.entry(channel.to_owned()).or_default();
+        list.retain(|listener| listener.strong_count() > 0);
+        list.push(listener);
+    }
+
+    /// One push from the subscriber connection: a message on a channel becomes a
+    /// [`StoreEvent`] for that channel's live listeners. Anything else is ignored.
+    fn dispatch(&self, push: PushInfo) {
+        if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
+            return;
+        }
+        let [Value::BulkString(channel), Value::BulkString(message)] = &push.data[..] else {
+            return;
+        };
+        let (Ok(channel), Some(event)) = (std::str::from_utf8(channel), parse_event(message))
+        else {
+            return;
+        };
+        let listeners: Vec<Arc<dyn StoreListener>> = {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(list) = map.get_mut(channel) else {
+                return;
+            };
+            list.retain(|listener| listener.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        for listener in listeners {
+            listener.on_event(event);
+        }
+    }
+}
+
+/// `saved:<generation>` or `removed:<generation>`.
+fn parse_event(message: &[u8]) -> Option<StoreEvent> {
+    let message = std::str::from_utf8(message).ok()?;
+    let (kind, generation) = message.split_once(':')?;
+    let generation = generation.parse().ok()?;
+    match kind {
+        "saved" => Some(StoreEvent::Saved { generation }),
+        "removed" => Some(StoreEvent::Removed { generation }),
+        _ => None,
+    }
 }
 
 /// Whether Redis is considered down, and until when it is left alone.
@@ -123,6 +200,7 @@ pub struct RedisTokenStoreBuilder {
     plaintext: bool,
     prefix: String,
     timeout: Duration,
+    poll_interval: Option<Duration>,
 }
 
 impl RedisTokenStore {
@@ -135,6 +213,7 @@ impl RedisTokenStore {
             plaintext: false,
             prefix: DEFAULT_REDIS_KEY_PREFIX.to_owned(),
             timeout: DEFAULT_REDIS_OPERATION_TIMEOUT,
+            poll_interval: None,
         }
     }
 }
@@ -167,6 +246,17 @@ impl RedisTokenStoreBuilder {
         self
     }
 
+    /// Looks at Redis every `interval` (fixed, from 1 ms to 10 min) while another process of
+    /// the fleet requests the token, instead of the default schedule (after 10 ms, doubling up
+    /// to 200 ms). Waiters wake as soon as the token is saved (its announcement); polling is
+    /// the fallback when an announcement is lost, so a long interval suits a reliable network
+    /// and a short one a lossy one. Waiting never outlasts the refresh's deadline (the token
+    /// request timeout), after which the lock has expired and the waiter tries itself.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = Some(interval);
+        self
+    }
+
     /// Checks the settings. Connects lazily, on the first refresh that uses the store, so it
     /// needs no runtime and no reachable Redis.
     ///
@@ -174,7 +264,8 @@ impl RedisTokenStoreBuilder {
     /// - [`ErrorKind::InvalidConfig`]: no sealing key and plaintext not chosen; a URL the
     ///   `redis` crate cannot parse (the URL is not repeated: it may hold a password); an
     ///   empty key prefix.
-    /// - [`ErrorKind::SettingOutOfRange`]: an operation timeout outside 1 ms to 10 s.
+    /// - [`ErrorKind::SettingOutOfRange`]: an operation timeout outside 1 ms to 10 s, a poll
+    ///   interval outside 1 ms to 10 min.
     pub fn build(self) -> Result<RedisTokenStore, Error> {
         let invalid = |what: &str| Error::new(ErrorKind::InvalidConfig(what.to_owned()));
         let sealing = match (self.sealing_key, self.plaintext) {
@@ -196,15 +287,27 @@ impl RedisTokenStoreBuilder {
                 valid: "1 ms to 10 s",
             }));
         }
+        if let Some(interval) = self.poll_interval {
+            if !(Duration::from_millis(1)..=Duration::from_secs(600)).contains(&interval) {
+                return Err(Error::new(ErrorKind::SettingOutOfRange {
+                    setting: "poll_interval",
+                    valid: "1 ms to 10 min",
+                }));
+            }
+        }
         let client = redis::Client::open(self.url.as_str())
             .map_err(|_| invalid("the Redis URL cannot be parsed"))?;
         Ok(RedisTokenStore {
             inner: Arc::new(Inner {
                 client,
                 connection: OnceCell::new(),
+                subscriber: OnceCell::new(),
+                listeners: Arc::default(),
+                channels: Mutex::default(),
                 sealing,
                 prefix: self.prefix,
                 timeout: self.timeout,
+                poll_interval: self.poll_interval,
                 outage: Mutex::new(Outage::default()),
                 save: Script::new(SAVE),
                 unlock: Script::new(UNLOCK),
@@ -219,6 +322,81 @@ impl Inner {
         format!("{}:{{{}}}:{what}", self.prefix, key.as_str())
     }
 
+    fn channel(&self, key: &StoreKey) -> String {
+        self.key(key, "events")
+    }
+
+    /// The command that announces an event: `PUBLISH` (standalone).
+    fn publish_command(&self) -> &'static str {
+        "PUBLISH"
+    }
+
+    /// Subscribes the subscriber connection to the channels that have listeners and no
+    /// confirmed subscription yet. Failures are left for the next operation to retry: the
+    /// caches poll meanwhile.
+    async fn subscribe_pending(&self) {
+        let pending: Vec<String> = self
+            .lock_channels()
+            .iter()
+            .filter(|(_, confirmed)| !**confirmed)
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let subscribed =
+            tokio::time::timeout(self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT), async {
+                let mut subscriber = self.subscriber().await?;
+                subscriber.subscribe(&pending).await
+            })
+            .await;
+        match subscribed {
+            Ok(Ok(())) => {
+                let mut channels = self.lock_channels();
+                for channel in pending {
+                    channels.insert(channel, true);
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(
+                error = ?error.kind(),
+                "Redis token store: subscribing to announcements failed; polling meanwhile"
+            ),
+            Err(_) => tracing::debug!(
+                "Redis token store: subscribing to announcements timed out; polling meanwhile"
+            ),
+        }
+    }
+
+    async fn subscriber(&self) -> redis::RedisResult<ConnectionManager> {
+        self.subscriber
+            .get_or_try_init(|| async {
+                let info = self.client.get_connection_info().clone();
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(settings))?;
+                let listeners = Arc::clone(&self.listeners);
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(MAX_REDIS_RETRY_BACKOFF)
+                    .set_push_sender(move |push| {
+                        listeners.dispatch(push);
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .set_automatic_resubscription();
+                ConnectionManager::new_lazy_with_config(client, config)
+            })
+            .await
+            .cloned()
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Runs one operation under the timeout and the outage rules.
     async fn run<T, F>(&self, name: &'static str, operation: F) -> Result<T, BoxError>
     where
@@ -229,6 +407,7 @@ impl Inner {
                 return Err("Redis token store: waiting before trying Redis again".into());
             }
         }
+        self.subscribe_pending().await;
         let bound = self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT);
         let result = tokio::time::timeout(bound, async {
             let connection = self.connection().await?;
@@ -240,6 +419,12 @@ impl Inner {
                 let mut outage = self.lock_outage();
                 if outage.retry_at.take().is_some() {
                     outage.backoff = Duration::ZERO;
+                    drop(outage);
+                    // Subscribe again at the next operation, which also makes the subscriber
+                    // connection reconnect if the outage broke it.
+                    for confirmed in self.lock_channels().values_mut() {
+                        *confirmed = false;
+                    }
                     tracing::info!("Redis token store reachable again");
                 }
                 return Ok(value);
@@ -375,6 +560,7 @@ impl TokenStore for RedisTokenStore {
                 inner.key(key, "lock"),
             ];
             let millis = time_to_live.as_millis().max(1) as u64;
+            let channel = inner.channel(key);
             let saved: u64 = inner
                 .run("save script", async |mut connection| {
                     inner
@@ -386,6 +572,8 @@ impl TokenStore for RedisTokenStore {
                         .arg(&sealed)
                         .arg(millis)
                         .arg(fence.as_str())
+                        .arg(inner.publish_command())
+                        .arg(&channel)
                         .invoke_async(&mut connection)
                         .await
                 })
@@ -398,18 +586,33 @@ impl TokenStore for RedisTokenStore {
         let inner = &*self.inner;
         Box::pin(async move {
             let token_key = inner.key(key, "token");
+            let channel = inner.channel(key);
             let removed: i64 = inner
                 .run("remove script", async |mut connection| {
                     inner
                         .remove
                         .key(&token_key)
                         .arg(generation)
+                        .arg(inner.publish_command())
+                        .arg(&channel)
                         .invoke_async(&mut connection)
                         .await
                 })
                 .await?;
             Ok(removed != 0)
         })
+    }
+
+    /// Registers `listener` for the key's channel; the subscription itself is made by the
+    /// next operation of this store (inside a runtime).
+    fn subscribe(&self, key: &StoreKey, listener: Weak<dyn StoreListener>) {
+        let channel = self.inner.channel(key);
+        self.inner.listeners.add(&channel, listener);
+        self.inner.lock_channels().entry(channel).or_insert(false);
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        self.inner.poll_interval
     }
 }
 
@@ -424,6 +627,7 @@ impl fmt::Debug for RedisTokenStore {
             .field("prefix", &self.inner.prefix)
             .field("sealing", &sealing)
             .field("operation_timeout", &self.inner.timeout)
+            .field("poll_interval", &self.inner.poll_interval)
             .finish_non_exhaustive()
     }
 }
@@ -435,6 +639,7 @@ impl fmt::Debug for RedisTokenStoreBuilder {
             .field("plaintext", &self.plaintext)
             .field("prefix", &self.prefix)
             .field("operation_timeout", &self.timeout)
+            .field("poll_interval", &self.poll_interval)
             .finish_non_exhaustive()
     }
 }
