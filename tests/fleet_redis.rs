@@ -21,13 +21,22 @@ struct RedisServer {
     port: u16,
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl RedisServer {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        Self::start_with(free_port(), &[])
+    }
+
+    /// A server on `port` with `extra` arguments (a configuration file first, if any).
+    fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
+            .args(extra)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -411,6 +420,209 @@ async fn a_process_waiting_for_the_fleet_token_wakes_when_it_is_saved_not_at_its
     // Looks at the store: A's before taking the lock and under it, B's before waiting and
     // once woken. No poll.
     assert_eq!(command_calls(&mut inspector, "mget").await, 4);
+}
+
+/// A scratch directory for server files, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "nuvy-oauth2-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `redis-cli` with `args`; its standard output.
+fn redis_cli(args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli on PATH (it comes with redis-server)");
+    assert!(output.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits (bounded, real time) until `redis-cli args` prints something containing `expected`.
+fn wait_for_cli(args: &[&str], expected: &str) {
+    for _ in 0..1000 {
+        if redis_cli(args).contains(expected) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("redis-cli {args:?} never printed {expected:?}");
+}
+
+/// Ten layers with twenty concurrent cold calls each, on stores made by `store`: one token
+/// request between them. Then the token is revoked: the first layer's 401 is announced, and
+/// the nine others drop the token without a 401 of their own.
+async fn ten_layers_cold_then_one_401(server: &NuvyServer, store: impl Fn() -> RedisTokenStore) {
+    server.delay_next_token_requests(1, Duration::from_millis(100));
+    let layers: Vec<_> = (0..10)
+        .map(|_| layer(server).with_token_store(store()))
+        .collect();
+    let mut calls = JoinSet::new();
+    for layer in &layers {
+        let api = api(layer);
+        for _ in 0..20 {
+            calls.spawn(status_of(api.clone(), get(&server.api_url("/v1/ping"))));
+        }
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(server.token_requests(), 1);
+    assert_eq!(requests_sent(&layers), 1);
+
+    server.revoke_all_tokens();
+    let status = status_of(api(&layers[0]), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    for (index, layer) in layers.iter().enumerate().skip(1) {
+        eventually(
+            &format!("layer {index} dropped the rejected token"),
+            async || layer.token_cache().current_generation() == 0,
+        )
+        .await;
+        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        server.api_unauthorized(),
+        1,
+        "only the first layer met the 401"
+    );
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_a_three_master_redis_cluster_makes_one_token_request_and_hears_of_a_401() {
+    let scratch = Scratch::new("cluster");
+    let ports = [free_port(), free_port(), free_port()];
+    let _nodes: Vec<RedisServer> = ports
+        .iter()
+        .map(|port| {
+            let config = scratch.file(&format!("nodes-{port}.conf"));
+            RedisServer::start_with(
+                *port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &config,
+                    "--dir",
+                    &scratch.file(""),
+                ],
+            )
+        })
+        .collect();
+    let addresses: Vec<String> = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addresses.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    redis_cli(&create);
+    for port in ports {
+        wait_for_cli(
+            &["-p", &port.to_string(), "cluster", "info"],
+            "cluster_state:ok",
+        );
+    }
+    let server = server(Duration::from_secs(3600)).await;
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}/"))
+        .collect();
+    ten_layers_cold_then_one_401(&server, || {
+        RedisTokenStore::cluster_builder(urls.clone())
+            .sealing_key(sealing_key())
+            .operation_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    })
+    .await;
+    // The one token lives on one shard, under one hash tag (the first was removed after the
+    // 401; its successor took its place).
+    let keys: usize = ports
+        .iter()
+        .map(|port| {
+            redis_cli(&[
+                "-p",
+                &port.to_string(),
+                "--scan",
+                "--pattern",
+                "nuvy-oauth2:*",
+            ])
+            .lines()
+            .count()
+        })
+        .sum();
+    assert_eq!(keys, 2, "generation and token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_redis_sentinel_makes_one_token_request_and_hears_of_a_401() {
+    let scratch = Scratch::new("sentinel");
+    let master = RedisServer::start();
+    let sentinel_port = free_port();
+    let config = scratch.file("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "sentinel monitor fleet 127.0.0.1 {} 1\nsentinel down-after-milliseconds fleet 5000\n",
+            master.port
+        ),
+    )
+    .unwrap();
+    let _sentinel = RedisServer::start_with(sentinel_port, &[&config, "--sentinel"]);
+    wait_for_cli(
+        &[
+            "-p",
+            &sentinel_port.to_string(),
+            "sentinel",
+            "get-master-addr-by-name",
+            "fleet",
+        ],
+        &master.port.to_string(),
+    );
+    let server = server(Duration::from_secs(3600)).await;
+    ten_layers_cold_then_one_401(&server, || {
+        RedisTokenStore::sentinel_builder([format!("redis://127.0.0.1:{sentinel_port}/")], "fleet")
+            .sealing_key(sealing_key())
+            .operation_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    })
+    .await;
+    let keys = redis_cli(&[
+        "-p",
+        &master.port.to_string(),
+        "--scan",
+        "--pattern",
+        "nuvy-oauth2:*",
+    ]);
+    assert_eq!(keys.lines().count(), 2, "the token is on the master");
 }
 
 /// One member of a fleet of OS processes: this test binary started again with

@@ -30,6 +30,8 @@
 //! `RedisTokenStore` (a fleet of processes). Attach one with
 //! [`crate::OAuth2Layer::with_token_store`].
 
+#[cfg(feature = "redis")]
+mod backend;
 mod fleet;
 mod key;
 mod memory;

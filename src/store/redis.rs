@@ -1,17 +1,16 @@
 //! [`RedisTokenStore`]: the token store of a fleet of processes, on Redis through the `redis`
-//! crate's tokio connection manager.
+//! crate's tokio connection manager (standalone, Sentinel) or async Cluster connection.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ProtocolVersion, PushInfo, PushKind, Script, Value};
-use tokio::sync::OnceCell;
+use redis::{PushInfo, PushKind, Script, Value};
 use tokio::time::Instant;
 use tower::BoxError;
 
+use super::backend::{Backend, Connection, Subscriber, Target};
 use super::seal::{Sealing, SealingKey};
 use super::{
     Fence, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener, TokenPayload, TokenStore,
@@ -74,10 +73,11 @@ end
 return 0
 ";
 
-/// A [`TokenStore`] on Redis (standalone; the keys are Cluster-safe), shared by every process
-/// of a fleet: they make one token request per token lifetime between them. Tokens are sealed
-/// with a [`SealingKey`] unless plaintext was chosen explicitly. Cheap to clone; clones share
-/// the connection.
+/// A [`TokenStore`] on Redis (standalone: [`RedisTokenStore::builder`]; a master behind
+/// Sentinel: [`RedisTokenStore::sentinel_builder`]; a Cluster:
+/// [`RedisTokenStore::cluster_builder`]), shared by every process of a fleet: they make one
+/// token request per token lifetime between them. Tokens are sealed with a [`SealingKey`]
+/// unless plaintext was chosen explicitly. Cheap to clone; clones share the connections.
 ///
 /// Every Redis operation is bounded by the operation timeout
 /// ([`DEFAULT_REDIS_OPERATION_TIMEOUT`]), plus [`REDIS_CONNECT_TIMEOUT`] when it has to
@@ -114,12 +114,13 @@ pub struct RedisTokenStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    /// Made on first use, inside the runtime that uses it.
-    connection: OnceCell<ConnectionManager>,
+    backend: Backend,
+    /// Made on first use, inside the runtime that uses it (again after a failure, with
+    /// Sentinel: the master may have moved).
+    connection: tokio::sync::Mutex<Option<Connection>>,
     /// The subscriptions' own RESP3 connection, made on first use; it calls `listeners` with
     /// every message and resubscribes by itself after a reconnection.
-    subscriber: OnceCell<ConnectionManager>,
+    subscriber: tokio::sync::Mutex<Option<Subscriber>>,
     listeners: Arc<Listeners>,
     /// Channels with listeners, and whether the subscriber connection confirmed each.
     channels: Mutex<HashMap<String, bool>>,
@@ -195,7 +196,7 @@ struct Outage {
 /// Builder of a [`RedisTokenStore`].
 #[derive(Clone)]
 pub struct RedisTokenStoreBuilder {
-    url: String,
+    target: Target,
     sealing_key: Option<SealingKey>,
     plaintext: bool,
     prefix: String,
@@ -207,8 +208,45 @@ impl RedisTokenStore {
     /// Starts a builder for the Redis at `url` (`redis://[user:password@]host[:port][/db]`,
     /// `rediss://` for TLS is not enabled in this build, `redis+unix:///path`).
     pub fn builder(url: impl Into<String>) -> RedisTokenStoreBuilder {
-        RedisTokenStoreBuilder {
-            url: url.into(),
+        RedisTokenStoreBuilder::new(Target::Standalone(url.into()))
+    }
+
+    /// Starts a builder for the master that Redis Sentinel names `service_name` (the
+    /// `sentinel monitor <service_name> …` of the Sentinels' configuration), found through
+    /// the Sentinels at `sentinel_urls` (`redis://host:26379`, tried in order). Every
+    /// operation goes to the current master: after a failed operation the next one asks the
+    /// Sentinels again, so a failover costs at most the outage backoff. The master is reached
+    /// without a password on database 0 unless
+    /// [`sentinel_master_settings`](RedisTokenStoreBuilder::sentinel_master_settings) says
+    /// otherwise.
+    pub fn sentinel_builder(
+        sentinel_urls: impl IntoIterator<Item = impl Into<String>>,
+        service_name: impl Into<String>,
+    ) -> RedisTokenStoreBuilder {
+        RedisTokenStoreBuilder::new(Target::Sentinel {
+            sentinels: sentinel_urls.into_iter().map(Into::into).collect(),
+            service: service_name.into(),
+            master_settings: None,
+        })
+    }
+
+    /// Starts a builder for the Redis Cluster that the nodes at `node_urls`
+    /// (`redis://[user:password@]host:port`, one or more; the rest is discovered) belong to.
+    /// Each configuration's keys share a hash tag, so its scripts run on one shard; its
+    /// announcements use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7 or later).
+    pub fn cluster_builder(
+        node_urls: impl IntoIterator<Item = impl Into<String>>,
+    ) -> RedisTokenStoreBuilder {
+        RedisTokenStoreBuilder::new(Target::Cluster(
+            node_urls.into_iter().map(Into::into).collect(),
+        ))
+    }
+}
+
+impl RedisTokenStoreBuilder {
+    fn new(target: Target) -> Self {
+        Self {
+            target,
             sealing_key: None,
             plaintext: false,
             prefix: DEFAULT_REDIS_KEY_PREFIX.to_owned(),
@@ -246,6 +284,19 @@ impl RedisTokenStoreBuilder {
         self
     }
 
+    /// With [`RedisTokenStore::sentinel_builder`]: the username, password and database to use
+    /// on the master, as a URL (`redis://[user:password@]any-host[/db]`; its host is ignored:
+    /// the Sentinels name the master). Ignored for the other setups.
+    pub fn sentinel_master_settings(mut self, url: impl Into<String>) -> Self {
+        if let Target::Sentinel {
+            master_settings, ..
+        } = &mut self.target
+        {
+            *master_settings = Some(url.into());
+        }
+        self
+    }
+
     /// Looks at Redis every `interval` (fixed, from 1 ms to 10 min) while another process of
     /// the fleet requests the token, instead of the default schedule (after 10 ms, doubling up
     /// to 200 ms). Waiters wake as soon as the token is saved (its announcement); polling is
@@ -262,8 +313,8 @@ impl RedisTokenStoreBuilder {
     ///
     /// # Errors
     /// - [`ErrorKind::InvalidConfig`]: no sealing key and plaintext not chosen; a URL the
-    ///   `redis` crate cannot parse (the URL is not repeated: it may hold a password); an
-    ///   empty key prefix.
+    ///   `redis` crate cannot parse (the URL is not repeated: it may hold a password); no
+    ///   Sentinel URL or an empty service name; no Cluster node; an empty key prefix.
     /// - [`ErrorKind::SettingOutOfRange`]: an operation timeout outside 1 ms to 10 s, a poll
     ///   interval outside 1 ms to 10 min.
     pub fn build(self) -> Result<RedisTokenStore, Error> {
@@ -295,13 +346,12 @@ impl RedisTokenStoreBuilder {
                 }));
             }
         }
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|_| invalid("the Redis URL cannot be parsed"))?;
+        let backend = Backend::new(self.target, self.timeout).map_err(invalid)?;
         Ok(RedisTokenStore {
             inner: Arc::new(Inner {
-                client,
-                connection: OnceCell::new(),
-                subscriber: OnceCell::new(),
+                backend,
+                connection: tokio::sync::Mutex::new(None),
+                subscriber: tokio::sync::Mutex::new(None),
                 listeners: Arc::default(),
                 channels: Mutex::default(),
                 sealing,
@@ -326,9 +376,9 @@ impl Inner {
         self.key(key, "events")
     }
 
-    /// The command that announces an event: `PUBLISH` (standalone).
+    /// The command that announces an event: `PUBLISH`, `SPUBLISH` on a Cluster.
     fn publish_command(&self) -> &'static str {
-        "PUBLISH"
+        self.backend.publish_command()
     }
 
     /// Subscribes the subscriber connection to the channels that have listeners and no
@@ -347,7 +397,10 @@ impl Inner {
         let subscribed =
             tokio::time::timeout(self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT), async {
                 let mut subscriber = self.subscriber().await?;
-                subscriber.subscribe(&pending).await
+                for channel in &pending {
+                    subscriber.subscribe(channel).await?;
+                }
+                Ok::<(), redis::RedisError>(())
             })
             .await;
         match subscribed {
@@ -367,30 +420,16 @@ impl Inner {
         }
     }
 
-    async fn subscriber(&self) -> redis::RedisResult<ConnectionManager> {
-        self.subscriber
-            .get_or_try_init(|| async {
-                let info = self.client.get_connection_info().clone();
-                let settings = info
-                    .redis_settings()
-                    .clone()
-                    .set_protocol(ProtocolVersion::RESP3);
-                let client = redis::Client::open(info.set_redis_settings(settings))?;
-                let listeners = Arc::clone(&self.listeners);
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(MAX_REDIS_RETRY_BACKOFF)
-                    .set_push_sender(move |push| {
-                        listeners.dispatch(push);
-                        Ok::<(), std::convert::Infallible>(())
-                    })
-                    .set_automatic_resubscription();
-                ConnectionManager::new_lazy_with_config(client, config)
-            })
-            .await
-            .cloned()
+    async fn subscriber(&self) -> redis::RedisResult<Subscriber> {
+        let mut slot = self.subscriber.lock().await;
+        if let Some(subscriber) = &*slot {
+            return Ok(subscriber.clone());
+        }
+        let listeners = Arc::clone(&self.listeners);
+        let handler = Arc::new(move |push| listeners.dispatch(push));
+        let subscriber = self.backend.subscriber(self.timeout, handler).await?;
+        *slot = Some(subscriber.clone());
+        Ok(subscriber)
     }
 
     fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
@@ -400,7 +439,7 @@ impl Inner {
     /// Runs one operation under the timeout and the outage rules.
     async fn run<T, F>(&self, name: &'static str, operation: F) -> Result<T, BoxError>
     where
-        F: AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
+        F: AsyncFnOnce(Connection) -> redis::RedisResult<T>,
     {
         if let Some(retry_at) = self.lock_outage().retry_at {
             if Instant::now() < retry_at {
@@ -432,6 +471,7 @@ impl Inner {
             Ok(Err(error)) => format!("Redis {name} failed: {:?}", error.kind()).into(),
             Err(_) => format!("Redis {name} timed out after {} ms", bound.as_millis()).into(),
         };
+        self.forget_connections().await;
         let mut outage = self.lock_outage();
         outage.backoff = if outage.retry_at.is_none() {
             tracing::warn!(
@@ -448,18 +488,26 @@ impl Inner {
         Err(error)
     }
 
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        self.connection
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(MAX_REDIS_RETRY_BACKOFF);
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            })
-            .await
-            .cloned()
+    async fn connection(&self) -> redis::RedisResult<Connection> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = &*slot {
+            return Ok(connection.clone());
+        }
+        let connection = self.backend.connect(self.timeout).await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// After a failed operation with Sentinel: the next one asks the Sentinels for the master
+    /// again, and subscribes there again.
+    async fn forget_connections(&self) {
+        if self.backend.rediscovers() {
+            *self.connection.lock().await = None;
+            *self.subscriber.lock().await = None;
+            for confirmed in self.lock_channels().values_mut() {
+                *confirmed = false;
+            }
+        }
     }
 
     fn lock_outage(&self) -> std::sync::MutexGuard<'_, Outage> {
