@@ -433,6 +433,66 @@ async fn a_401_announced_through_redis_spares_the_other_processes_their_own_401(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_the_stores_subscribe_again_and_announcements_work_again() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let a = layer(&server).with_token_store(store(&redis));
+    let b = layer(&server).with_token_store(store(&redis));
+    let call = async |layer: &OAuth2Layer| {
+        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    };
+    call(&a).await;
+    call(&b).await;
+    eventually("both stores subscribed", async || {
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+
+    // A restart (no persistence: an empty Redis), then refreshes on both layers until both
+    // stores have subscribed again. No call fails meanwhile.
+    redis.kill();
+    let redis = RedisServer::start_with(port, &[]);
+    let mut inspector = inspect(&redis).await;
+    eventually("both stores subscribed again", async || {
+        for layer in [&a, &b] {
+            layer
+                .token_cache()
+                .invalidate(layer.token_cache().current_generation());
+            call(layer).await;
+        }
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+    // Both hold the same stored token again (taken or saved once Redis answered).
+    eventually("A and B share a token again", async || {
+        for layer in [&a, &b] {
+            layer
+                .token_cache()
+                .invalidate(layer.token_cache().current_generation());
+            call(layer).await;
+        }
+        a.token_cache().access_token() == b.token_cache().access_token()
+    })
+    .await;
+
+    server.revoke_all_tokens();
+    let unauthorized = server.api_unauthorized();
+    call(&a).await;
+    assert_eq!(server.api_unauthorized(), unauthorized + 1);
+    eventually("B dropped the token A had rejected", async || {
+        b.token_cache().current_generation() == 0
+    })
+    .await;
+    call(&b).await;
+    assert_eq!(server.api_unauthorized(), unauthorized + 1, "B met no 401");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_waiting_for_the_fleet_token_wakes_when_it_is_saved_not_at_its_next_poll() {
     let redis = RedisServer::start();
     let mut inspector = inspect(&redis).await;
