@@ -127,6 +127,30 @@ async fn retry_after_on_429_holds_the_next_token_request_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_400_temporarily_unavailable_is_backed_off_like_a_503_not_paused_for_30_s() {
+    let server = server(Duration::from_secs(60)).await;
+    server.push_token_response(ScriptedResponse::json(
+        400,
+        r#"{"error":"temporarily_unavailable"}"#,
+    ));
+    let layer = layer(&server);
+    let api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    let error = status_of(api.clone(), get(&url)).await.unwrap_err();
+    assert_eq!(
+        crate_error(&error)
+            .token_error_fields()
+            .and_then(|fields| fields.error.as_deref()),
+        Some("temporarily_unavailable")
+    );
+    // The first transient backoff is at most MIN_FAILURE_BACKOFF (200 ms), far below the 30 s
+    // PERMANENT_FAILURE_PAUSE a bad credential gets.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(status_of(api, get(&url)).await.unwrap(), StatusCode::OK);
+    assert_eq!(server.token_requests(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_refresh_ahead_keeps_requests_succeeding_and_shows_in_the_status() {
     let server = server(Duration::from_secs(1000)).await;
     let layer = layer(&server);

@@ -51,6 +51,12 @@ pub(crate) fn is_transient(error: &Error) -> bool {
         ErrorKind::UnexpectedStatus { status, .. } => {
             status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408
         }
+        // The server's own fault in an RFC 6749 §5.2-shaped body (codes of §4.1.2.1 that
+        // token endpoints send too): backed off like a 503, not paused like bad credentials.
+        ErrorKind::TokenRequestRejected { fields, .. } => matches!(
+            fields.error.as_deref(),
+            Some("server_error" | "temporarily_unavailable")
+        ),
         _ => false,
     }
 }
@@ -155,6 +161,31 @@ mod tests {
         ] {
             assert!(!is_transient(&Error::new(kind.clone())), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn a_rejection_naming_a_server_fault_is_transient_and_other_codes_are_not() {
+        let rejected = |code: Option<&str>| {
+            Error::new(ErrorKind::TokenRequestRejected {
+                status: StatusCode::BAD_REQUEST,
+                fields: crate::error::TokenErrorFields {
+                    error: code.map(str::to_owned),
+                    ..Default::default()
+                },
+            })
+        };
+        assert!(is_transient(&rejected(Some("temporarily_unavailable"))));
+        assert!(is_transient(&rejected(Some("server_error"))));
+        for code in [
+            None,
+            Some("invalid_client"),
+            Some("invalid_request"),
+            Some("invalid_scope"),
+            Some("temporarily_unavailable "),
+        ] {
+            assert!(!is_transient(&rejected(code)), "{code:?}");
+        }
+        assert!(pause_after(&rejected(Some("temporarily_unavailable")), 1) <= MIN_FAILURE_BACKOFF);
     }
 
     #[test]
