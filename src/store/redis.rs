@@ -35,7 +35,8 @@ pub const MAX_REDIS_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 pub const DEFAULT_REDIS_KEY_PREFIX: &str = "nuvy-oauth2";
 
 /// Saves a token if the generation is still the expected one, announces it, and releases the
-/// lock if the fence still holds it. KEYS: generation, token, lock. ARGV: expected generation,
+/// lock if the fence still holds it. Announcing is best effort (`pcall`): a server without the
+/// publish command (`SPUBLISH` before Redis 7) still saves. KEYS: generation, token, lock. ARGV: expected generation,
 /// sealed token, time to live (ms), fence, publish command, channel. Returns the new
 /// generation, or 0 when nothing was saved.
 const SAVE: &str = r"
@@ -45,7 +46,7 @@ if current == tonumber(ARGV[1]) then
   saved = current + 1
   redis.call('SET', KEYS[1], saved)
   redis.call('SET', KEYS[2], saved .. ':' .. ARGV[2], 'PX', ARGV[3])
-  redis.call(ARGV[5], ARGV[6], 'saved:' .. saved)
+  redis.pcall(ARGV[5], ARGV[6], 'saved:' .. saved)
 end
 if redis.call('GET', KEYS[3]) == ARGV[4] then
   redis.call('DEL', KEYS[3])
@@ -61,13 +62,14 @@ end
 return 0
 ";
 
-/// Deletes the token if it is still of the given generation, and announces it. KEYS: token.
+/// Deletes the token if it is still of the given generation, and announces it (best effort,
+/// as in [`SAVE`]). KEYS: token.
 /// ARGV: generation, publish command, channel.
 const REMOVE: &str = r"
 local value = redis.call('GET', KEYS[1])
 if value and string.match(value, '^(%d+):') == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call(ARGV[2], ARGV[3], 'removed:' .. ARGV[1])
+  redis.pcall(ARGV[2], ARGV[3], 'removed:' .. ARGV[1])
   return 1
 end
 return 0
@@ -124,6 +126,10 @@ struct Inner {
     listeners: Arc<Listeners>,
     /// Channels with listeners, and whether the subscriber connection confirmed each.
     channels: Mutex<HashMap<String, bool>>,
+    /// After a failed subscription: no new attempt before this moment (1 s, doubling up to
+    /// 30 s), so a server that cannot subscribe (before Redis 6) costs no round trip per
+    /// operation.
+    subscribe_backoff: Mutex<Outage>,
     sealing: Sealing,
     prefix: String,
     timeout: Duration,
@@ -354,6 +360,7 @@ impl RedisTokenStoreBuilder {
                 subscriber: tokio::sync::Mutex::new(None),
                 listeners: Arc::default(),
                 channels: Mutex::default(),
+                subscribe_backoff: Mutex::default(),
                 sealing,
                 prefix: self.prefix,
                 timeout: self.timeout,
@@ -394,6 +401,11 @@ impl Inner {
         if pending.is_empty() {
             return;
         }
+        if let Some(retry_at) = self.lock_subscribe_backoff().retry_at {
+            if Instant::now() < retry_at {
+                return;
+            }
+        }
         let subscribed =
             tokio::time::timeout(self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT), async {
                 let mut subscriber = self.subscriber().await?;
@@ -405,10 +417,12 @@ impl Inner {
             .await;
         match subscribed {
             Ok(Ok(())) => {
+                *self.lock_subscribe_backoff() = Outage::default();
                 let mut channels = self.lock_channels();
                 for channel in pending {
                     channels.insert(channel, true);
                 }
+                return;
             }
             Ok(Err(error)) => tracing::debug!(
                 error = ?error.kind(),
@@ -418,6 +432,16 @@ impl Inner {
                 "Redis token store: subscribing to announcements timed out; polling meanwhile"
             ),
         }
+        let mut backoff = self.lock_subscribe_backoff();
+        backoff.backoff =
+            (backoff.backoff * 2).clamp(MIN_REDIS_RETRY_BACKOFF, MAX_REDIS_RETRY_BACKOFF);
+        backoff.retry_at = Some(Instant::now() + backoff.backoff);
+    }
+
+    fn lock_subscribe_backoff(&self) -> std::sync::MutexGuard<'_, Outage> {
+        self.subscribe_backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn subscriber(&self) -> redis::RedisResult<Subscriber> {
@@ -464,6 +488,7 @@ impl Inner {
                     for confirmed in self.lock_channels().values_mut() {
                         *confirmed = false;
                     }
+                    *self.lock_subscribe_backoff() = Outage::default();
                     tracing::info!("Redis token store reachable again");
                 }
                 return Ok(value);
