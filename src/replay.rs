@@ -367,8 +367,12 @@ impl<T> fmt::Debug for Replay<T> {
 }
 
 /// A request body that [`crate::OAuth2Layer::with_retry`] can send once more after a token
-/// rejection. Implemented for the bodies users send (see the [module table](self)); to replay
-/// any other body type, wrap it in [`ReplayBody::new`].
+/// rejection. Implemented for the bodies users send: `Full<Bytes>`, `Empty<Bytes>`, `String`,
+/// `&'static str`, `Bytes`, `Vec<u8>` and `()` (copied, and only when at most the cap);
+/// `hyper::body::Incoming`, [`ReplayBody<B>`], `UnsyncBoxBody<Bytes, E>`, `BoxBody<Bytes, E>`,
+/// `tonic::body::Body` (feature `tonic`) and `axum::body::Body` (feature `axum`) (their bytes
+/// kept while they stream, up to the cap). To replay any other body type, wrap it in
+/// [`ReplayBody::new`].
 ///
 /// Implement it for a body type of your own that copies cheaply:
 /// `type Sent = Self;` and `(self.clone(), Replay::copy(self))` in `prepare` when the body is
