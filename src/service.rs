@@ -48,7 +48,8 @@ use crate::future::ResponseFuture;
 ///   shortly after issue (a server rejecting every token): then the 401 is returned untagged
 ///   and the token stays until the [`crate::REJECTED_GENERATION_BACKOFF`] step ends.
 ///
-/// `Clone` is cheap: an `Arc` bump, the inner service's clone, and a refcount bump of the header.
+/// `Clone` is cheap: an `Arc` bump and the inner service's clone (the clone reads the token the
+/// lock-free way until its second call).
 pub struct OAuth2Service<S> {
     inner: S,
     cache: TokenCache,
@@ -190,7 +191,10 @@ impl<S: Clone> Clone for OAuth2Service<S> {
         Self {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
-            local: self.local.clone(),
+            // Left behind: a clone serves its first calls from the published token (lock-free),
+            // so cloning per request (`with_retry()`'s replay copy, `oneshot` on a clone) writes
+            // no reference count of the header value.
+            local: None,
             calls_from_published: false,
             allow_insecure_http: self.allow_insecure_http,
         }

@@ -716,7 +716,11 @@ mod tests {
             weak.upgrade().is_none(),
             "no task or timer keeps the cache alive"
         );
-        assert!(id.cache().is_none(), "a dropped cache leaves the registry");
+        assert!(id.cache().is_none(), "a dropped cache is not found");
+        assert!(
+            !registry::is_registered(id),
+            "a dropped cache leaves the registry (no entry per cache ever made)"
+        );
     }
 
     #[tokio::test]

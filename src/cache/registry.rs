@@ -49,3 +49,9 @@ pub(super) fn register(shared: &Arc<Shared>) {
 pub(super) fn deregister(id: CacheId) {
     caches().remove(&id);
 }
+
+/// Whether `id` still has an entry (dead or alive): tests show that a dropped cache leaves.
+#[cfg(test)]
+pub(super) fn is_registered(id: CacheId) -> bool {
+    caches().contains_key(&id)
+}
