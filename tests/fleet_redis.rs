@@ -534,6 +534,71 @@ async fn a_process_waiting_for_the_fleet_token_wakes_when_it_is_saved_not_at_its
     assert_eq!(command_calls(&mut inspector, "mget").await, 4);
 }
 
+/// Sets the fleet's lock of `config` as a process that took it and died would leave it: it
+/// expires by itself after `millis`.
+async fn lock_of_a_dead_process(
+    inspector: &mut redis::aio::MultiplexedConnection,
+    config: &nuvy_oauth2::OAuth2Config,
+    millis: u64,
+) {
+    let key = nuvy_oauth2::store::StoreKey::for_config(config);
+    let _: () = redis::cmd("SET")
+        .arg(format!("nuvy-oauth2:{{{}}}:lock", key.as_str()))
+        .arg("fence-of-a-dead-process")
+        .arg("PX")
+        .arg(millis)
+        .query_async(inspector)
+        .await
+        .unwrap();
+}
+
+/// A waiter never sleeps past the holder's lock expiry, whatever its poll interval: ten
+/// minutes here, against a 2 s token request timeout and a dead holder's lock of 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_with_a_long_poll_interval_tries_itself_once_a_dead_holders_lock_expired() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let config = config_builder(&server)
+        .token_request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let store = RedisTokenStore::builder(redis.url())
+        .sealing_key(sealing_key())
+        .operation_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    lock_of_a_dead_process(&mut inspector, &config, 200).await;
+    let layer = OAuth2Layer::new(config).unwrap().with_token_store(store);
+    let status = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .map_err(|error| error.to_string());
+    assert_eq!(status, Ok(StatusCode::OK));
+    assert_eq!(server.token_requests(), 1);
+}
+
+/// The same with the default schedule (10 ms doubling to 200 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_default_schedule_a_waiter_tries_itself_once_a_dead_holders_lock_expired() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let config = config_builder(&server)
+        .token_request_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    lock_of_a_dead_process(&mut inspector, &config, 200).await;
+    let layer = OAuth2Layer::new(config)
+        .unwrap()
+        .with_token_store(store(&redis));
+    let status = status_of(api(&layer), get(&server.api_url("/v1/ping")))
+        .await
+        .map_err(|error| error.to_string());
+    assert_eq!(status, Ok(StatusCode::OK));
+    assert_eq!(server.token_requests(), 1);
+}
+
 /// A scratch directory for server files, removed on drop.
 struct Scratch(std::path::PathBuf);
 

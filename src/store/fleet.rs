@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Fence, StoreEntry, StoreEvent, StoreKey, StoreListener, TokenPayload, TokenStore};
+use super::{
+    Fence, LockAttempt, StoreEntry, StoreEvent, StoreKey, StoreListener, TokenPayload, TokenStore,
+};
 use crate::cache::{RefreshReason, REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 use crate::error::Error;
 use crate::secret::AccessToken;
@@ -197,21 +199,30 @@ impl Fleet {
                 return Ok(Ok(token));
             }
             let lock_lifetime = fetcher.timeout().saturating_add(LOCK_GRACE);
-            if let Some(fence) = self
+            let expires_in = match self
                 .op(deadline, store.try_lock(key, lock_lifetime))
                 .await?
             {
-                return Ok(self
-                    .refresh_for_fleet(fetcher, requests, deadline, fence, rejected)
-                    .await);
-            }
+                LockAttempt::Taken(fence) => {
+                    return Ok(self
+                        .refresh_for_fleet(fetcher, requests, deadline, fence, rejected)
+                        .await)
+                }
+                LockAttempt::Held { expires_in } => expires_in,
+            };
             // Another process is requesting the token: look again when it announces the save,
-            // or after the poll interval, until the deadline.
+            // after the poll interval, or once its lock has expired (a dead holder: then this
+            // process takes the lock), whichever comes first, until the deadline.
             let now = Instant::now();
             if now >= deadline {
                 return Ok(Err(fetcher.timeout_error()));
             }
-            let _ = tokio::time::timeout_at(deadline.min(now + poll), saved).await;
+            let mut wake = deadline.min(now + poll);
+            if let Some(expires_in) = expires_in {
+                // At least 1 ms: a lock about to expire is not looked at in a busy loop.
+                wake = wake.min(now + expires_in.max(Duration::from_millis(1)));
+            }
+            let _ = tokio::time::timeout_at(wake, saved).await;
             poll = (poll * 2).min(max_poll);
         }
     }

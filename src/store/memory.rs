@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Fence, StoreEntry, StoreFuture, StoreKey, TokenPayload, TokenStore};
+use super::{Fence, LockAttempt, StoreEntry, StoreFuture, StoreKey, TokenPayload, TokenStore};
 use crate::cache::saturating_add;
 
 /// A [`TokenStore`] in this process's memory: layers built separately (one per tenant module,
@@ -64,14 +64,16 @@ impl TokenStore for MemoryTokenStore {
         &'a self,
         key: &'a StoreKey,
         lifetime: Duration,
-    ) -> StoreFuture<'a, Option<Fence>> {
+    ) -> StoreFuture<'a, LockAttempt> {
         ready(self.with_entry(key, |entry, now| {
-            if entry.lock.is_some() {
-                return None;
+            if let Some((_, until)) = &entry.lock {
+                return LockAttempt::Held {
+                    expires_in: Some(until.saturating_duration_since(now)),
+                };
             }
             let fence = Fence::random();
             entry.lock = Some((fence.clone(), saturating_add(now, lifetime)));
-            Some(fence)
+            LockAttempt::Taken(fence)
         }))
     }
 

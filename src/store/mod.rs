@@ -16,7 +16,8 @@
 //!    refresh whose lock was lost never overwrites a newer token);
 //! 4. or, while another process holds the lock, waits until that token appears (woken by the
 //!    store's [`StoreEvent::Saved`] where the store announces saves, else by polling), the lock
-//!    is released or expires (then it tries itself), or the flight's deadline passes.
+//!    is released or expires (it never sleeps past the lock's remaining lifetime, then tries
+//!    itself), or the flight's deadline passes.
 //!
 //! A store that announces changes ([`TokenStore::subscribe`]; `RedisTokenStore` does, over
 //! Redis pub/sub) also tells every cache of the key when a 401 removed the stored token
@@ -132,6 +133,20 @@ impl fmt::Debug for Fence {
     }
 }
 
+/// What [`TokenStore::try_lock`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    /// The lock was free and is now held by the caller, proven by this fence.
+    Taken(Fence),
+    /// Another holder has the lock.
+    Held {
+        /// How long the holder's lock still lives before it expires by itself (Redis `PTTL`,
+        /// millisecond precision), or `None` when the store cannot tell. A waiter looks again
+        /// no later than this, and takes the lock itself if it is gone.
+        expires_in: Option<Duration>,
+    },
+}
+
 /// Where the processes of a fleet share their access token: the refresh lock, the token and
 /// its generation, under one [`StoreKey`] per configuration. See the [module
 /// documentation](self) for how the cache uses it.
@@ -143,15 +158,16 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     /// The newest generation under `key` and its token, if still there.
     fn load<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, StoreEntry>;
 
-    /// Takes the refresh lock of `key` for `lifetime` unless someone holds it: `Some(fence)`
-    /// when taken, `None` when held by another. The lock expires by itself after `lifetime`
-    /// (the token request timeout plus a grace), so a process that dies holding it delays the
-    /// fleet by at most that.
+    /// Takes the refresh lock of `key` for `lifetime` unless someone holds it:
+    /// [`LockAttempt::Taken`] with the new fence, or [`LockAttempt::Held`] with how long the
+    /// holder's lock still lives. The lock expires by itself after `lifetime` (the token
+    /// request timeout plus a grace), so a process that dies holding it delays the fleet by at
+    /// most that: a waiter never sleeps past the held lock's expiry, then tries itself.
     fn try_lock<'a>(
         &'a self,
         key: &'a StoreKey,
         lifetime: Duration,
-    ) -> StoreFuture<'a, Option<Fence>>;
+    ) -> StoreFuture<'a, LockAttempt>;
 
     /// Releases the lock of `key` if it is still held with `fence` (compare-and-delete).
     fn unlock<'a>(&'a self, key: &'a StoreKey, fence: &'a Fence) -> StoreFuture<'a, ()>;

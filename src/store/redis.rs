@@ -13,7 +13,8 @@ use tower::BoxError;
 use super::backend::{Backend, Connection, Subscriber, Target};
 use super::seal::{Sealing, SealingKey};
 use super::{
-    Fence, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener, TokenPayload, TokenStore,
+    Fence, LockAttempt, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener, TokenPayload,
+    TokenStore,
 };
 use crate::error::{Error, ErrorKind};
 
@@ -52,6 +53,17 @@ if redis.call('GET', KEYS[3]) == ARGV[4] then
   redis.call('DEL', KEYS[3])
 end
 return saved
+";
+
+/// Takes the lock unless it is held (`SET NX PX`), else tells how long the holder's lock still
+/// lives (`PTTL`), in one round trip. KEYS: lock. ARGV: fence, lifetime (ms). Returns -3 when
+/// taken, else the lock's remaining lifetime in ms (-1: no expiry, -2: gone meanwhile; neither
+/// happens to a lock set by this crate).
+const LOCK: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -3
+end
+return redis.call('PTTL', KEYS[1])
 ";
 
 /// Releases the lock if the fence still holds it. KEYS: lock. ARGV: fence.
@@ -136,6 +148,7 @@ struct Inner {
     poll_interval: Option<Duration>,
     outage: Mutex<Outage>,
     save: Script,
+    lock: Script,
     unlock: Script,
     remove: Script,
 }
@@ -307,8 +320,10 @@ impl RedisTokenStoreBuilder {
     /// the fleet requests the token, instead of the default schedule (after 10 ms, doubling up
     /// to 200 ms). Waiters wake as soon as the token is saved (its announcement); polling is
     /// the fallback when an announcement is lost, so a long interval suits a reliable network
-    /// and a short one a lossy one. Waiting never outlasts the refresh's deadline (the token
-    /// request timeout), after which the lock has expired and the waiter tries itself.
+    /// and a short one a lossy one. A waiter never sleeps past the holder's lock expiry (its
+    /// `PTTL`, read with each look): once a dead holder's lock has expired, the waiter takes
+    /// the lock and requests the token itself. Waiting never outlasts the refresh's deadline
+    /// (the token request timeout).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = Some(interval);
         self
@@ -367,6 +382,7 @@ impl RedisTokenStoreBuilder {
                 poll_interval: self.poll_interval,
                 outage: Mutex::new(Outage::default()),
                 save: Script::new(SAVE),
+                lock: Script::new(LOCK),
                 unlock: Script::new(UNLOCK),
                 remove: Script::new(REMOVE),
             }),
@@ -572,25 +588,35 @@ impl TokenStore for RedisTokenStore {
         &'a self,
         key: &'a StoreKey,
         lifetime: Duration,
-    ) -> StoreFuture<'a, Option<Fence>> {
+    ) -> StoreFuture<'a, LockAttempt> {
         let inner = &*self.inner;
         Box::pin(async move {
             let fence = Fence::random();
             let lock_key = inner.key(key, "lock");
             let millis = lifetime.as_millis().max(1) as u64;
-            let taken: Option<String> = inner
-                .run("SET NX PX", async |mut connection| {
-                    redis::cmd("SET")
-                        .arg(&lock_key)
+            let answer: i64 = inner
+                .run("lock script", async |mut connection| {
+                    inner
+                        .lock
+                        .key(&lock_key)
                         .arg(fence.as_str())
-                        .arg("NX")
-                        .arg("PX")
                         .arg(millis)
-                        .query_async(&mut connection)
+                        .invoke_async(&mut connection)
                         .await
                 })
                 .await?;
-            Ok(taken.map(|_| fence))
+            Ok(match answer {
+                -3 => LockAttempt::Taken(fence),
+                // Gone between the two commands cannot happen inside a script; treat it as
+                // expiring now, so the waiter looks again at once.
+                -2 => LockAttempt::Held {
+                    expires_in: Some(Duration::ZERO),
+                },
+                millis if millis >= 0 => LockAttempt::Held {
+                    expires_in: Some(Duration::from_millis(millis as u64)),
+                },
+                _ => LockAttempt::Held { expires_in: None },
+            })
         })
     }
 
