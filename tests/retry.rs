@@ -340,3 +340,59 @@ async fn the_401_that_ends_a_rejection_backoff_causes_exactly_one_refresh() {
     }
     assert_eq!(server.token_requests(), 3);
 }
+
+/// A service below the retry layer that is never ready.
+#[derive(Clone, Debug)]
+struct NeverReady;
+
+impl tower::Service<http::Request<Full<Bytes>>> for NeverReady {
+    type Response = http::Response<Full<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _: http::Request<Full<Bytes>>) -> Self::Future {
+        unreachable!("never ready, so never called")
+    }
+}
+
+#[tokio::test]
+async fn the_retry_layer_is_ready_only_when_the_service_below_is() {
+    use tower::Layer;
+    let server = server(Duration::from_secs(3600)).await;
+    let mut service = layer(&server).with_retry().layer(NeverReady);
+    let mut ready = tokio_test::task::spawn(ServiceExt::<http::Request<Full<Bytes>>>::ready(
+        &mut service,
+    ));
+    tokio_test::assert_pending!(ready.poll());
+}
+
+#[tokio::test]
+async fn the_retry_layer_and_its_future_say_what_they_are_in_debug_without_the_token() {
+    use tower::{Layer, Service};
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let url = server.api_url("/v1/ping");
+    status_of(api(&layer), get(&url)).await.unwrap();
+    let token = layer.token_cache().access_token().unwrap();
+    let mut service = layer.with_idempotent_retry().layer(http_client().clone());
+    let debug = format!("{service:?}");
+    assert!(debug.starts_with("RetryOnUnauthorized"), "{debug}");
+    assert!(debug.contains("max_replay_body_bytes: 65536"), "{debug}");
+    assert!(debug.contains("idempotent_only: true"), "{debug}");
+    assert!(!debug.contains(token.expose_secret()));
+    ServiceExt::<http::Request<Full<Bytes>>>::ready(&mut service)
+        .await
+        .unwrap();
+    let future = service.call(get(&url));
+    let debug = format!("{future:?}");
+    assert!(debug.contains("first attempt"), "{debug}");
+    assert!(!debug.contains(token.expose_secret()));
+    assert_eq!(future.await.unwrap().status(), StatusCode::OK);
+}
