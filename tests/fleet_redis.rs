@@ -599,6 +599,76 @@ async fn with_the_default_schedule_a_waiter_tries_itself_once_a_dead_holders_loc
     assert_eq!(server.token_requests(), 1);
 }
 
+/// Generation numbers start again at 1 when Redis loses its data (a restart without
+/// persistence, a failover to a replica that missed the last writes, eviction): a 401 for an
+/// old token then must neither remove nor make anyone drop a newer token that got the same
+/// number. Each save's random nonce tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_for_an_old_token_never_removes_a_newer_token_of_the_same_number() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let b = layer(&server).with_token_store(store(&redis));
+    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let old = b.token_cache().access_token().unwrap();
+    // Redis loses its data (FLUSHALL here; the same after a restart without persistence).
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut inspector)
+        .await
+        .unwrap();
+    // A starts: requests a new token and saves it, as generation 1 again.
+    let a = layer(&server).with_token_store(store(&redis));
+    let status = status_of(api(&a), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(server.token_requests(), 2);
+    eventually("both stores subscribed", async || {
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+    let newer = a.token_cache().access_token().unwrap();
+    // Only B's old token is revoked; A's newer token stays valid.
+    assert!(server.revoke_token(old.expose_secret()));
+    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "B's 401 was replayed");
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "B takes A's valid token from the store instead of requesting a third"
+    );
+    assert_eq!(
+        b.token_cache()
+            .access_token()
+            .map(|token| token.expose_secret().to_owned()),
+        Some(newer.expose_secret().to_owned())
+    );
+    // Nothing was removed, so nothing was announced (the remove script publishes only what
+    // it deletes): A's token is still in Redis, and only the two saves were published.
+    let tokens: Vec<String> = redis::cmd("KEYS")
+        .arg("nuvy-oauth2:*:token")
+        .query_async(&mut inspector)
+        .await
+        .unwrap();
+    assert_eq!(tokens.len(), 1, "A's token is still stored");
+    assert_eq!(
+        command_calls(&mut inspector, "publish").await,
+        2,
+        "the two saves"
+    );
+    assert!(
+        a.token_cache()
+            .access_token()
+            .is_some_and(|token| token.expose_secret() == newer.expose_secret()),
+        "A keeps its valid token: nobody rejected it"
+    );
+}
+
 /// A scratch directory for server files, removed on drop.
 struct Scratch(std::path::PathBuf);
 

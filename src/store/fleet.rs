@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
@@ -11,7 +11,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Fence, LockAttempt, StoreEntry, StoreEvent, StoreKey, StoreListener, TokenPayload, TokenStore,
+    Fence, LockAttempt, SaveId, StoreEntry, StoreEvent, StoreKey, StoreListener, TokenPayload,
+    TokenStore,
 };
 use crate::cache::{RefreshReason, REFRESH_AHEAD_JITTER_PERCENT, REFRESH_AHEAD_PERCENT};
 use crate::error::Error;
@@ -37,9 +38,10 @@ pub(crate) struct Fleet {
 
 /// The cache's side of the store's events ([`StoreEvent`]).
 struct Watch {
-    /// The store generation of the token this cache last took or saved (0: none, or its
-    /// current token was requested without the store).
-    seen: AtomicU64,
+    /// The save of the token this cache last took or saved (`None`: none, or its current
+    /// token was requested without the store). Generation and nonce: a number alone can
+    /// repeat after the store lost its counter.
+    seen: Mutex<Option<SaveId>>,
     /// Woken by [`StoreEvent::Saved`]: waiters for another process's token look again.
     saved: Notify,
     /// Drops the cache's token when the check it is given (asked under the cache's lock)
@@ -54,22 +56,31 @@ impl StoreListener for Watch {
     fn on_event(&self, event: StoreEvent) {
         match event {
             StoreEvent::Saved { .. } => self.saved.notify_waiters(),
-            StoreEvent::Removed { generation } if generation != 0 => {
+            StoreEvent::Removed { saved } => {
                 if let Some(drop_local) = self.drop_local.get() {
                     // Only while the cached token is still the removed one: a token taken or
                     // saved since (`seen` moves before the cache installs it) stays.
-                    drop_local(&|| self.seen.load(Ordering::Acquire) == generation);
+                    drop_local(&|| self.seen() == Some(saved));
                 }
             }
-            StoreEvent::Removed { .. } => {}
         }
+    }
+}
+
+impl Watch {
+    fn seen(&self) -> Option<SaveId> {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_seen(&self, saved: Option<SaveId>) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = saved;
     }
 }
 
 impl Fleet {
     pub(crate) fn new(store: Arc<dyn TokenStore>, key: StoreKey) -> Self {
         let watch = Arc::new(Watch {
-            seen: AtomicU64::new(0),
+            seen: Mutex::new(None),
             saved: Notify::new(),
             drop_local: OnceLock::new(),
         });
@@ -80,7 +91,7 @@ impl Fleet {
     }
 
     /// How the cache drops its token when another process had it rejected
-    /// ([`StoreEvent::Removed`] for the generation it holds). Set once; later calls do nothing.
+    /// ([`StoreEvent::Removed`] for the save it holds). Set once; later calls do nothing.
     pub(crate) fn on_removed_elsewhere(&self, drop_local: DropLocal) {
         let _ = self.watch.drop_local.set(drop_local);
     }
@@ -138,7 +149,7 @@ impl Fleet {
             Ok(result) => result,
             Err(Unavailable::Store) => {
                 tracing::debug!("token store unavailable: requesting a token for this process");
-                self.watch.seen.store(0, Ordering::Release);
+                self.watch.set_seen(None);
                 send(fetcher, requests, deadline).await
             }
         }
@@ -171,16 +182,18 @@ impl Fleet {
         let key = &self.key;
         // After a 401: the rejected token goes from the store too, unless it was replaced.
         let rejected = if reason == RefreshReason::AfterUnauthorized {
-            let seen = self.watch.seen.load(Ordering::Acquire);
-            if seen != 0 && self.op(deadline, store.remove(key, seen)).await? {
-                tracing::debug!(
-                    generation = seen,
-                    "rejected token removed from the token store"
-                );
+            let seen = self.watch.seen();
+            if let Some(seen) = seen {
+                if self.op(deadline, store.remove(key, seen)).await? {
+                    tracing::debug!(
+                        generation = seen.generation,
+                        "rejected token removed from the token store"
+                    );
+                }
             }
             seen
         } else {
-            0
+            None
         };
         let (mut poll, max_poll) = match store.poll_interval() {
             Some(interval) => (interval, interval),
@@ -234,7 +247,7 @@ impl Fleet {
         requests: &AtomicU64,
         deadline: Instant,
         fence: Fence,
-        rejected: u64,
+        rejected: Option<SaveId>,
     ) -> Result<FetchedToken, Error> {
         let store = &*self.store;
         let key = &self.key;
@@ -242,7 +255,7 @@ impl Fleet {
         let entry = match self.op(deadline, store.load(key)).await {
             Ok(entry) => entry,
             Err(Unavailable::Store) => {
-                self.watch.seen.store(0, Ordering::Release);
+                self.watch.set_seen(None);
                 return send(fetcher, requests, deadline).await;
             }
         };
@@ -264,18 +277,21 @@ impl Fleet {
                     )
                     .await
                 {
-                    Ok(Some(generation)) => {
-                        self.watch.seen.store(generation, Ordering::Release);
-                        tracing::debug!(generation, "access token saved in the token store");
+                    Ok(Some(saved)) => {
+                        self.watch.set_seen(Some(saved));
+                        tracing::debug!(
+                            generation = saved.generation,
+                            "access token saved in the token store"
+                        );
                     }
                     Ok(None) => {
-                        self.watch.seen.store(0, Ordering::Release);
+                        self.watch.set_seen(None);
                         tracing::debug!(
                             "a newer token was saved in the token store meanwhile; this one is \
                              kept by this process only"
                         );
                     }
-                    Err(Unavailable::Store) => self.watch.seen.store(0, Ordering::Release),
+                    Err(Unavailable::Store) => self.watch.set_seen(None),
                 }
             }
             Err(_) => {
@@ -291,14 +307,16 @@ impl Fleet {
         result
     }
 
-    /// The stored token of `entry` if it is not yet due for its refresh-ahead and was not the
-    /// `rejected` generation (or older).
-    fn usable(&self, entry: &StoreEntry, rejected: u64) -> Option<FetchedToken> {
-        if entry.generation <= rejected {
+    /// The stored token of `entry` if it is not yet due for its refresh-ahead and is not the
+    /// `rejected` one (same save: generation and nonce; a token that got the same number
+    /// after the store lost its counter is another token, and usable).
+    fn usable(&self, entry: &StoreEntry, rejected: Option<SaveId>) -> Option<FetchedToken> {
+        let (saved, payload) = entry.token.as_ref()?;
+        if Some(*saved) == rejected {
             return None;
         }
-        let token = decode(entry.token.as_ref()?)?;
-        self.watch.seen.store(entry.generation, Ordering::Release);
+        let token = decode(payload)?;
+        self.watch.set_seen(Some(*saved));
         Some(token)
     }
 }

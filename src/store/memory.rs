@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Fence, LockAttempt, StoreEntry, StoreFuture, StoreKey, TokenPayload, TokenStore};
+use super::{
+    Fence, LockAttempt, SaveId, StoreEntry, StoreFuture, StoreKey, TokenPayload, TokenStore,
+};
 use crate::cache::saturating_add;
 
 /// A [`TokenStore`] in this process's memory: layers built separately (one per tenant module,
@@ -22,8 +24,8 @@ pub struct MemoryTokenStore {
 #[derive(Default)]
 struct Entry {
     generation: u64,
-    /// The token of `generation` and when it stops being kept.
-    token: Option<(TokenPayload, Instant)>,
+    /// The token of `generation`, its save's identity, and when it stops being kept.
+    token: Option<(SaveId, TokenPayload, Instant)>,
     /// The refresh lock and when it expires.
     lock: Option<(Fence, Instant)>,
 }
@@ -38,7 +40,11 @@ impl MemoryTokenStore {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.entry(key.clone()).or_default();
-        if entry.token.as_ref().is_some_and(|(_, until)| now >= *until) {
+        if entry
+            .token
+            .as_ref()
+            .is_some_and(|(_, _, until)| now >= *until)
+        {
             entry.token = None;
         }
         if entry.lock.as_ref().is_some_and(|(_, until)| now >= *until) {
@@ -54,9 +60,14 @@ fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
 
 impl TokenStore for MemoryTokenStore {
     fn load<'a>(&'a self, key: &'a StoreKey) -> StoreFuture<'a, StoreEntry> {
-        ready(self.with_entry(key, |entry, _| StoreEntry {
-            generation: entry.generation,
-            token: entry.token.as_ref().map(|(token, _)| token.clone()),
+        ready(self.with_entry(key, |entry, _| {
+            StoreEntry {
+                generation: entry.generation,
+                token: entry
+                    .token
+                    .as_ref()
+                    .map(|(saved, token, _)| (*saved, token.clone())),
+            }
         }))
     }
 
@@ -93,7 +104,7 @@ impl TokenStore for MemoryTokenStore {
         token: &'a TokenPayload,
         time_to_live: Duration,
         fence: &'a Fence,
-    ) -> StoreFuture<'a, Option<u64>> {
+    ) -> StoreFuture<'a, Option<SaveId>> {
         ready(self.with_entry(key, |entry, now| {
             if entry.lock.as_ref().is_some_and(|(held, _)| held == fence) {
                 entry.lock = None;
@@ -102,14 +113,18 @@ impl TokenStore for MemoryTokenStore {
                 return None;
             }
             entry.generation += 1;
-            entry.token = Some((token.clone(), saturating_add(now, time_to_live)));
-            Some(entry.generation)
+            let saved = SaveId {
+                generation: entry.generation,
+                nonce: SaveId::random_nonce(),
+            };
+            entry.token = Some((saved, token.clone(), saturating_add(now, time_to_live)));
+            Some(saved)
         }))
     }
 
-    fn remove<'a>(&'a self, key: &'a StoreKey, generation: u64) -> StoreFuture<'a, bool> {
+    fn remove<'a>(&'a self, key: &'a StoreKey, saved: SaveId) -> StoreFuture<'a, bool> {
         ready(self.with_entry(key, |entry, _| {
-            if entry.generation == generation && entry.token.is_some() {
+            if entry.token.as_ref().is_some_and(|(id, _, _)| *id == saved) {
                 entry.token = None;
                 true
             } else {

@@ -7,7 +7,7 @@
 //! In that flight the cache:
 //!
 //! 1. after a 401, removes the rejected token from the store if it is still the stored one
-//!    ([`TokenStore::remove`], compare-and-delete by generation);
+//!    ([`TokenStore::remove`], compare-and-delete by [`SaveId`]: generation and random nonce);
 //! 2. takes the stored token if it is not yet due for its own refresh-ahead (less than
 //!    [`crate::REFRESH_AHEAD_PERCENT`] − [`crate::REFRESH_AHEAD_JITTER_PERCENT`] of its lifetime
 //!    used), and sends no token request;
@@ -74,8 +74,72 @@ pub struct StoreEntry {
     /// one per [`TokenStore::save`] and is kept when the token is removed, so a late writer
     /// can never save over a newer token.
     pub generation: u64,
-    /// The token of `generation`, unless it was removed ([`TokenStore::remove`]) or expired.
-    pub token: Option<TokenPayload>,
+    /// The token of `generation` and the identity of its save, unless it was removed
+    /// ([`TokenStore::remove`]) or expired.
+    pub token: Option<(SaveId, TokenPayload)>,
+}
+
+/// The identity of one [`TokenStore::save`]: the generation number it got and a random
+/// 128-bit nonce drawn for that save. Numbers alone can repeat: when a store loses its
+/// generation counter (Redis restarted without persistence, a failover to a replica that
+/// missed the last writes, eviction), numbering starts again at 1, and a 401 for an old
+/// token must not remove a newer token that got the same number. The nonce tells them
+/// apart. Not secret: it reveals nothing of the token. Printed (`Display`) as
+/// `<generation>:<nonce as 32 lowercase hex digits>`, as `RedisTokenStore` stores and
+/// announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SaveId {
+    /// The generation the save got (1 or more).
+    pub generation: u64,
+    /// Random, unique to the save (see [`SaveId::random_nonce`]).
+    pub nonce: u128,
+}
+
+impl SaveId {
+    /// A new random nonce for a save: 128 bits from the operating system's generator
+    /// (through `ring`), or from `fastrand` should that fail (uniqueness, not secrecy, is what
+    /// a nonce needs).
+    pub fn random_nonce() -> u128 {
+        u128::from_be_bytes(random_128_bits())
+    }
+}
+
+impl fmt::Display for SaveId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{:032x}", self.generation, self.nonce)
+    }
+}
+
+impl std::str::FromStr for SaveId {
+    type Err = &'static str;
+
+    /// Parses what `Display` prints: `<generation>:<32 hex digits>`. `Err` names what is
+    /// wrong.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (generation, nonce) = text
+            .split_once(':')
+            .ok_or("a save id is <generation>:<nonce>")?;
+        if nonce.len() != 32 {
+            return Err("a save id's nonce is 32 hex digits");
+        }
+        Ok(Self {
+            generation: generation
+                .parse()
+                .map_err(|_| "a save id's generation is a decimal number")?,
+            nonce: u128::from_str_radix(nonce, 16)
+                .map_err(|_| "a save id's nonce is 32 hex digits")?,
+        })
+    }
+}
+
+/// 128 random bits from the operating system's generator, or `fastrand` should it fail.
+fn random_128_bits() -> [u8; 16] {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        bytes = fastrand::u128(..).to_be_bytes();
+    }
+    bytes
 }
 
 /// A stored token as the crate serialises it: the access token, when it was requested and
@@ -112,12 +176,8 @@ pub struct Fence(String);
 impl Fence {
     /// A new random fence (from the operating system's generator, through `ring`).
     pub fn random() -> Self {
-        use ring::rand::SecureRandom as _;
-        let mut bytes = [0u8; 16];
-        if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-            // Uniqueness, not secrecy, is what a fence needs.
-            bytes = fastrand::u128(..).to_be_bytes();
-        }
+        // Should the system generator fail: uniqueness, not secrecy, is what a fence needs.
+        let bytes = random_128_bits();
         Self(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
     }
 
@@ -173,10 +233,11 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
     fn unlock<'a>(&'a self, key: &'a StoreKey, fence: &'a Fence) -> StoreFuture<'a, ()>;
 
     /// Saves `token` as generation `expected_generation + 1` if the newest generation under
-    /// `key` is still `expected_generation` (compare-and-set, atomically), keeps it for
-    /// `time_to_live` (the token's remaining lifetime), and releases the lock if it is still
-    /// held with `fence`. Returns the new generation, or `None` when a newer token was saved
-    /// meanwhile (nothing written).
+    /// `key` is still `expected_generation` (compare-and-set, atomically), with a new random
+    /// nonce ([`SaveId::random_nonce`]) kept with it, keeps it for `time_to_live` (the
+    /// token's remaining lifetime), and releases the lock if it is still held with `fence`.
+    /// Returns the [`SaveId`] of the save, or `None` when a newer token was saved meanwhile
+    /// (nothing written).
     fn save<'a>(
         &'a self,
         key: &'a StoreKey,
@@ -184,11 +245,13 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         token: &'a TokenPayload,
         time_to_live: Duration,
         fence: &'a Fence,
-    ) -> StoreFuture<'a, Option<u64>>;
+    ) -> StoreFuture<'a, Option<SaveId>>;
 
-    /// Removes the token of `key` if it is still of `generation` (compare-and-delete, after a
-    /// 401 for it), keeping the generation number. Returns whether it removed it.
-    fn remove<'a>(&'a self, key: &'a StoreKey, generation: u64) -> StoreFuture<'a, bool>;
+    /// Removes the token of `key` if it is still the one saved as `saved` (compare-and-delete
+    /// by generation **and** nonce, after a 401 for it: a newer token that got the same
+    /// number after the store lost its counter stays), keeping the generation number.
+    /// Returns whether it removed it.
+    fn remove<'a>(&'a self, key: &'a StoreKey, saved: SaveId) -> StoreFuture<'a, bool>;
 
     /// Asks the store to call `listener` with the [`StoreEvent`]s of `key` (a save, a removal
     /// after a 401), made by any process sharing the store, this one included, for as long as
@@ -209,22 +272,23 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
 }
 
 /// A change to the token under one [`StoreKey`], as a store announces it to the caches that
-/// subscribed to the key ([`TokenStore::subscribe`]). Carries a generation number only, never
-/// a token.
+/// subscribed to the key ([`TokenStore::subscribe`]). Carries a [`SaveId`] only, never a
+/// token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreEvent {
-    /// A token was saved as `generation` ([`TokenStore::save`]): caches waiting for another
-    /// process's token request look at the store now.
+    /// A token was saved ([`TokenStore::save`]): caches waiting for another process's token
+    /// request look at the store now.
     Saved {
-        /// The generation of the saved token.
-        generation: u64,
+        /// The save's identity.
+        saved: SaveId,
     },
-    /// The token of `generation` was removed after a 401 ([`TokenStore::remove`]): a cache
-    /// still using that token drops it and refreshes on its next request.
+    /// The token of the save `saved` was removed after a 401 ([`TokenStore::remove`]): a
+    /// cache still using that very token (same generation and nonce) drops it and refreshes
+    /// on its next request.
     Removed {
-        /// The generation of the rejected token.
-        generation: u64,
+        /// The identity of the rejected token's save.
+        saved: SaveId,
     },
 }
 
@@ -233,4 +297,23 @@ pub enum StoreEvent {
 pub trait StoreListener: Send + Sync + 'static {
     /// One event of the key the listener subscribed to.
     fn on_event(&self, event: StoreEvent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SaveId;
+
+    #[test]
+    fn a_save_id_prints_as_generation_and_hex_nonce_and_parses_back() {
+        let saved = SaveId {
+            generation: 7,
+            nonce: 0xabc,
+        };
+        assert_eq!(saved.to_string(), "7:00000000000000000000000000000abc");
+        assert_eq!(saved.to_string().parse(), Ok(saved));
+        for bad in ["7", "x:00000000000000000000000000000abc", "7:abc", "7:zz"] {
+            assert!(bad.parse::<SaveId>().is_err(), "{bad}");
+        }
+        assert_ne!(SaveId::random_nonce(), SaveId::random_nonce());
+    }
 }

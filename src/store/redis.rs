@@ -13,8 +13,8 @@ use tower::BoxError;
 use super::backend::{Backend, Connection, Subscriber, Target};
 use super::seal::{Sealing, SealingKey};
 use super::{
-    Fence, LockAttempt, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener, TokenPayload,
-    TokenStore,
+    Fence, LockAttempt, SaveId, StoreEntry, StoreEvent, StoreFuture, StoreKey, StoreListener,
+    TokenPayload, TokenStore,
 };
 use crate::error::{Error, ErrorKind};
 
@@ -35,19 +35,21 @@ pub const MAX_REDIS_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 /// live on one slot.
 pub const DEFAULT_REDIS_KEY_PREFIX: &str = "nuvy-oauth2";
 
-/// Saves a token if the generation is still the expected one, announces it, and releases the
-/// lock if the fence still holds it. Announcing is best effort (`pcall`): a server without the
-/// publish command (`SPUBLISH` before Redis 7) still saves. KEYS: generation, token, lock. ARGV: expected generation,
-/// sealed token, time to live (ms), fence, publish command, channel. Returns the new
-/// generation, or 0 when nothing was saved.
+/// Saves a token if the generation is still the expected one, as
+/// `<generation>:<nonce>:<sealed token>` (the save's [`SaveId`] first), announces it, and
+/// releases the lock if the fence still holds it. Announcing is best effort (`pcall`): a server
+/// without the publish command (`SPUBLISH` before Redis 7) still saves. KEYS: generation,
+/// token, lock. ARGV: expected generation, sealed token, time to live (ms), fence, publish
+/// command, channel, nonce (32 hex digits). Returns the new generation, or 0 when nothing was
+/// saved.
 const SAVE: &str = r"
 local saved = 0
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current == tonumber(ARGV[1]) then
   saved = current + 1
   redis.call('SET', KEYS[1], saved)
-  redis.call('SET', KEYS[2], saved .. ':' .. ARGV[2], 'PX', ARGV[3])
-  redis.pcall(ARGV[5], ARGV[6], 'saved:' .. saved)
+  redis.call('SET', KEYS[2], saved .. ':' .. ARGV[7] .. ':' .. ARGV[2], 'PX', ARGV[3])
+  redis.pcall(ARGV[5], ARGV[6], 'saved:' .. saved .. ':' .. ARGV[7])
 end
 if redis.call('GET', KEYS[3]) == ARGV[4] then
   redis.call('DEL', KEYS[3])
@@ -74,12 +76,13 @@ end
 return 0
 ";
 
-/// Deletes the token if it is still of the given generation, and announces it (best effort,
-/// as in [`SAVE`]). KEYS: token.
-/// ARGV: generation, publish command, channel.
+/// Deletes the token if it is still the one of the given save (generation and nonce), and
+/// announces it (best effort, as in [`SAVE`]). KEYS: token. ARGV: save id
+/// (`<generation>:<nonce>`), publish command, channel.
 const REMOVE: &str = r"
 local value = redis.call('GET', KEYS[1])
-if value and string.match(value, '^(%d+):') == ARGV[1] then
+local prefix = ARGV[1] .. ':'
+if value and string.sub(value, 1, string.len(prefix)) == prefix then
   redis.call('DEL', KEYS[1])
   redis.pcall(ARGV[2], ARGV[3], 'removed:' .. ARGV[1])
   return 1
@@ -101,8 +104,9 @@ return 0
 /// store. The first operation that succeeds again logs an INFO and ends the outage.
 ///
 /// **Announcements.** Each save and each removal after a 401 is published, from inside its
-/// script, on the key's channel (`<prefix>:{<StoreKey>}:events`, messages `saved:<generation>`
-/// and `removed:<generation>`: never a token). Every store subscribes to the channels of its
+/// script, on the key's channel (`<prefix>:{<StoreKey>}:events`, messages
+/// `saved:<generation>:<nonce>` and `removed:<generation>:<nonce>`, the save's [`SaveId`]:
+/// never a token). Every store subscribes to the channels of its
 /// layers over a dedicated RESP3 connection (Redis 6 or later; resubscribed after a
 /// reconnection): a process waiting for another's token request wakes when it is saved, and a
 /// process still using a token that another had rejected drops it before its next request
@@ -192,16 +196,25 @@ impl Listeners {
     }
 }
 
-/// `saved:<generation>` or `removed:<generation>`.
+/// `saved:<generation>:<nonce>` or `removed:<generation>:<nonce>`.
 fn parse_event(message: &[u8]) -> Option<StoreEvent> {
     let message = std::str::from_utf8(message).ok()?;
-    let (kind, generation) = message.split_once(':')?;
-    let generation = generation.parse().ok()?;
+    let (kind, saved) = message.split_once(':')?;
+    let saved: SaveId = saved.parse().ok()?;
     match kind {
-        "saved" => Some(StoreEvent::Saved { generation }),
-        "removed" => Some(StoreEvent::Removed { generation }),
+        "saved" => Some(StoreEvent::Saved { saved }),
+        "removed" => Some(StoreEvent::Removed { saved }),
         _ => None,
     }
+}
+
+/// Splits a stored value, `<generation>:<nonce>:<sealed token>`, into the save's identity and
+/// the sealed token.
+fn split_stored(value: &[u8]) -> Option<(SaveId, &[u8])> {
+    let first = value.iter().position(|&byte| byte == b':')?;
+    let second = first + 1 + value[first + 1..].iter().position(|&byte| byte == b':')?;
+    let saved = std::str::from_utf8(&value[..second]).ok()?.parse().ok()?;
+    Some((saved, &value[second + 1..]))
 }
 
 /// Whether Redis is considered down, and until when it is left alone.
@@ -572,13 +585,12 @@ impl TokenStore for RedisTokenStore {
                 .await?;
             let generation = generation.unwrap_or(0);
             let token = token.and_then(|value| {
-                let at = value.iter().position(|&byte| byte == b':')?;
-                let (number, sealed) = (&value[..at], &value[at + 1..]);
-                if number != generation.to_string().as_bytes() {
+                let (saved, sealed) = split_stored(&value)?;
+                if saved.generation != generation {
                     return None;
                 }
                 let plain = inner.sealing.open(&token_key, sealed)?;
-                Some(TokenPayload::from_bytes(plain))
+                Some((saved, TokenPayload::from_bytes(plain)))
             });
             Ok(StoreEntry { generation, token })
         })
@@ -645,7 +657,7 @@ impl TokenStore for RedisTokenStore {
         token: &'a TokenPayload,
         time_to_live: Duration,
         fence: &'a Fence,
-    ) -> StoreFuture<'a, Option<u64>> {
+    ) -> StoreFuture<'a, Option<SaveId>> {
         let inner = &*self.inner;
         Box::pin(async move {
             let token_key = inner.key(key, "token");
@@ -660,6 +672,8 @@ impl TokenStore for RedisTokenStore {
             ];
             let millis = time_to_live.as_millis().max(1) as u64;
             let channel = inner.channel(key);
+            let nonce = SaveId::random_nonce();
+            let nonce_hex = format!("{nonce:032x}");
             let saved: u64 = inner
                 .run("save script", async |mut connection| {
                     inner
@@ -673,15 +687,19 @@ impl TokenStore for RedisTokenStore {
                         .arg(fence.as_str())
                         .arg(inner.publish_command())
                         .arg(&channel)
+                        .arg(&nonce_hex)
                         .invoke_async(&mut connection)
                         .await
                 })
                 .await?;
-            Ok((saved != 0).then_some(saved))
+            Ok((saved != 0).then_some(SaveId {
+                generation: saved,
+                nonce,
+            }))
         })
     }
 
-    fn remove<'a>(&'a self, key: &'a StoreKey, generation: u64) -> StoreFuture<'a, bool> {
+    fn remove<'a>(&'a self, key: &'a StoreKey, saved: SaveId) -> StoreFuture<'a, bool> {
         let inner = &*self.inner;
         Box::pin(async move {
             let token_key = inner.key(key, "token");
@@ -691,7 +709,7 @@ impl TokenStore for RedisTokenStore {
                     inner
                         .remove
                         .key(&token_key)
-                        .arg(generation)
+                        .arg(saved.to_string())
                         .arg(inner.publish_command())
                         .arg(&channel)
                         .invoke_async(&mut connection)
