@@ -669,6 +669,83 @@ async fn a_401_for_an_old_token_never_removes_a_newer_token_of_the_same_number()
     );
 }
 
+/// A process whose token is fresh makes no store operation for most of a token lifetime: its
+/// store subscribes again by itself after a Redis restart longer than the connection
+/// manager's own reconnection attempt (one second here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_process_hears_announcements_again_after_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let a = layer(&server).with_token_store(store(&redis));
+    let b = layer(&server).with_token_store(store(&redis));
+    let call = async |layer: &OAuth2Layer| {
+        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    };
+    call(&a).await;
+    call(&b).await;
+    eventually("both stores subscribed", async || {
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+
+    redis.kill();
+    // Real time: the restart must outlast the connection manager's reconnection attempt.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let redis = RedisServer::start_with(port, &[]);
+    let mut inspector = inspect(&redis).await;
+    // Only B refreshes (A's token is fresh: A has no reason to touch the store).
+    eventually("B subscribed again", async || {
+        b.token_cache()
+            .invalidate(b.token_cache().current_generation());
+        call(&b).await;
+        subscribers(&mut inspector).await >= 1
+    })
+    .await;
+    eventually("A subscribed again by itself", async || {
+        subscribers(&mut inspector).await == 2
+    })
+    .await;
+    assert_eq!(a.token_cache().token_requests(), 1, "A made no refresh");
+}
+
+/// Once the layers and every clone of the store are gone, the store's two connections
+/// (commands, subscriptions) are closed: neither they nor the resubscription task outlive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_store_closes_its_connections() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let shared = store(&redis);
+    let a = layer(&server).with_token_store(shared.clone());
+    let status = status_of(api(&a), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let clients = async |inspector: &mut redis::aio::MultiplexedConnection| -> usize {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(inspector)
+            .await
+            .unwrap();
+        list.lines().count()
+    };
+    assert_eq!(
+        clients(&mut inspector).await,
+        3,
+        "the inspector and the store's two"
+    );
+    drop((a, shared));
+    eventually("the store's connections closed", async || {
+        clients(&mut inspector).await == 1
+    })
+    .await;
+}
+
 /// A scratch directory for server files, removed on drop.
 struct Scratch(std::path::PathBuf);
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind, Script, Value};
@@ -107,8 +107,10 @@ return 0
 /// script, on the key's channel (`<prefix>:{<StoreKey>}:events`, messages
 /// `saved:<generation>:<nonce>` and `removed:<generation>:<nonce>`, the save's [`SaveId`]:
 /// never a token). Every store subscribes to the channels of its
-/// layers over a dedicated RESP3 connection (Redis 6 or later; resubscribed after a
-/// reconnection): a process waiting for another's token request wakes when it is saved, and a
+/// layers over a dedicated RESP3 connection (Redis 6 or later). When that connection drops
+/// (a Redis restart, a network cut), a small task of the store subscribes again by itself,
+/// retrying after 1 s, doubling up to 30 s, until Redis answers, even in a process with no
+/// refresh due; it holds the store only weakly and ends with it. A process waiting for another's token request wakes when it is saved, and a
 /// process still using a token that another had rejected drops it before its next request
 /// spends a 401. Announcements are best effort: a lost one costs a poll (waiters) or a 401
 /// and its replay (rejections), as without them. The subscription is made by the first store
@@ -132,6 +134,8 @@ pub struct RedisTokenStore {
 }
 
 struct Inner {
+    /// This store's own `Weak`, for the resubscription task (which must not keep it alive).
+    me: Weak<Inner>,
     backend: Backend,
     /// Made on first use, inside the runtime that uses it (again after a failure, with
     /// Sentinel: the master may have moved).
@@ -146,6 +150,9 @@ struct Inner {
     /// 30 s), so a server that cannot subscribe (before Redis 6) costs no round trip per
     /// operation.
     subscribe_backoff: Mutex<Outage>,
+    /// Wakes the resubscription task ([`resubscribe_after_disconnections`]), started with
+    /// the first subscriber connection.
+    resubscribe: OnceLock<tokio::sync::mpsc::Sender<()>>,
     sealing: Sealing,
     prefix: String,
     timeout: Duration,
@@ -382,13 +389,15 @@ impl RedisTokenStoreBuilder {
         }
         let backend = Backend::new(self.target, self.timeout).map_err(invalid)?;
         Ok(RedisTokenStore {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
+                me: me.clone(),
                 backend,
                 connection: tokio::sync::Mutex::new(None),
                 subscriber: tokio::sync::Mutex::new(None),
                 listeners: Arc::default(),
                 channels: Mutex::default(),
                 subscribe_backoff: Mutex::default(),
+                resubscribe: OnceLock::new(),
                 sealing,
                 prefix: self.prefix,
                 timeout: self.timeout,
@@ -418,9 +427,11 @@ impl Inner {
     }
 
     /// Subscribes the subscriber connection to the channels that have listeners and no
-    /// confirmed subscription yet. Failures are left for the next operation to retry: the
-    /// caches poll meanwhile.
-    async fn subscribe_pending(&self) {
+    /// confirmed subscription yet. Failures are left for the next operation, or the
+    /// resubscription task, to retry: the caches poll meanwhile. Returns `None` when no
+    /// channel is left pending, else when to try again (the subscription backoff: 1 s,
+    /// doubling up to 30 s).
+    async fn subscribe_pending(&self) -> Option<Instant> {
         let pending: Vec<String> = self
             .lock_channels()
             .iter()
@@ -428,11 +439,11 @@ impl Inner {
             .map(|(channel, _)| channel.clone())
             .collect();
         if pending.is_empty() {
-            return;
+            return None;
         }
         if let Some(retry_at) = self.lock_subscribe_backoff().retry_at {
             if Instant::now() < retry_at {
-                return;
+                return Some(retry_at);
             }
         }
         let subscribed =
@@ -451,7 +462,7 @@ impl Inner {
                 for channel in pending {
                     channels.insert(channel, true);
                 }
-                return;
+                return None;
             }
             Ok(Err(error)) => tracing::debug!(
                 error = ?error.kind(),
@@ -464,7 +475,9 @@ impl Inner {
         let mut backoff = self.lock_subscribe_backoff();
         backoff.backoff =
             (backoff.backoff * 2).clamp(MIN_REDIS_RETRY_BACKOFF, MAX_REDIS_RETRY_BACKOFF);
-        backoff.retry_at = Some(Instant::now() + backoff.backoff);
+        let retry_at = Instant::now() + backoff.backoff;
+        backoff.retry_at = Some(retry_at);
+        Some(retry_at)
     }
 
     fn lock_subscribe_backoff(&self) -> std::sync::MutexGuard<'_, Outage> {
@@ -478,11 +491,31 @@ impl Inner {
         if let Some(subscriber) = &*slot {
             return Ok(subscriber.clone());
         }
+        let resubscribe = self.resubscribe_sender();
         let listeners = Arc::clone(&self.listeners);
-        let handler = Arc::new(move |push| listeners.dispatch(push));
+        let handler = Arc::new(move |push: PushInfo| {
+            if push.kind == PushKind::Disconnection {
+                let _ = resubscribe.try_send(());
+            } else {
+                listeners.dispatch(push);
+            }
+        });
         let subscriber = self.backend.subscriber(self.timeout, handler).await?;
         *slot = Some(subscriber.clone());
         Ok(subscriber)
+    }
+
+    /// Wakes the resubscription task, started on first use (inside the runtime of the
+    /// first subscription).
+    fn resubscribe_sender(&self) -> tokio::sync::mpsc::Sender<()> {
+        self.resubscribe
+            .get_or_init(|| {
+                // Capacity 1: a wake-up already pending covers any later disconnection.
+                let (wake, woken) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(resubscribe_after_disconnections(self.me.clone(), woken));
+                wake
+            })
+            .clone()
     }
 
     fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
@@ -499,7 +532,7 @@ impl Inner {
                 return Err("Redis token store: waiting before trying Redis again".into());
             }
         }
-        self.subscribe_pending().await;
+        let _ = self.subscribe_pending().await;
         let bound = self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT);
         let result = tokio::time::timeout(bound, async {
             let connection = self.connection().await?;
@@ -566,6 +599,42 @@ impl Inner {
 
     fn lock_outage(&self) -> std::sync::MutexGuard<'_, Outage> {
         self.outage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The resubscription task of one store: after each disconnection of the subscriber
+/// connection (a Redis restart, a network cut), marks every channel unconfirmed and subscribes
+/// again, retrying with the subscription backoff (1 s, doubling up to 30 s) until Redis
+/// confirms, so that a process with no refresh due (no store operation for most of a token
+/// lifetime) hears announcements again without waiting for one. The connection manager's own
+/// reconnection tries only briefly (one retry: a long one would keep its connection alive
+/// after the store is gone); this task takes over from there. It holds the store only
+/// weakly, and only while subscribing: it ends when the store is gone (the `Weak` no longer
+/// upgrades) or when every sender of `woken` (the store and its subscriber connections) is
+/// gone, and never keeps a runtime, a connection or the store alive.
+async fn resubscribe_after_disconnections(
+    store: Weak<Inner>,
+    mut woken: tokio::sync::mpsc::Receiver<()>,
+) {
+    while woken.recv().await.is_some() {
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        for confirmed in inner.lock_channels().values_mut() {
+            *confirmed = false;
+        }
+        drop(inner);
+        loop {
+            let Some(inner) = store.upgrade() else {
+                return;
+            };
+            let retry_at = inner.subscribe_pending().await;
+            drop(inner);
+            match retry_at {
+                None => break,
+                Some(retry_at) => tokio::time::sleep_until(retry_at).await,
+            }
+        }
     }
 }
 
