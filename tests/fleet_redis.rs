@@ -746,6 +746,61 @@ async fn a_dropped_store_closes_its_connections() {
     .await;
 }
 
+/// Layers made and dropped over time (one per tenant or audience) with one shared store: the
+/// store forgets each dropped layer's channel and unsubscribes from it in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_store_forgets_the_channels_of_dropped_layers() {
+    let redis = RedisServer::start();
+    let mut inspector = inspect(&redis).await;
+    let server = server(Duration::from_secs(3600)).await;
+    let shared = store(&redis);
+    let kept = layer(&server).with_token_store(shared.clone());
+    let call = async |layer: &OAuth2Layer| {
+        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    };
+    let channels = async |inspector: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+        redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("nuvy-oauth2:*")
+            .query_async(inspector)
+            .await
+            .unwrap()
+    };
+    call(&kept).await;
+    for round in 0..20 {
+        let config = config_builder(&server)
+            .audience(format!("tenant-{round}"))
+            .build()
+            .unwrap();
+        let gone = OAuth2Layer::new(config)
+            .unwrap()
+            .with_token_store(shared.clone());
+        // Half of them refresh (and subscribe) before they go, half never do.
+        if round % 2 == 0 {
+            call(&gone).await;
+            assert_eq!(channels(&mut inspector).await.len(), 2);
+        }
+        drop(gone);
+        kept.token_cache()
+            .invalidate(kept.token_cache().current_generation());
+        call(&kept).await;
+    }
+    let kept_channel = format!(
+        "nuvy-oauth2:{{{}}}:events",
+        nuvy_oauth2::store::StoreKey::for_config(&config_builder(&server).build().unwrap())
+            .as_str()
+    );
+    eventually(
+        "only the live layer's channel stays subscribed",
+        async || channels(&mut inspector).await == [kept_channel.clone()],
+    )
+    .await;
+    assert_eq!(subscribers(&mut inspector).await, 1);
+}
+
 /// A scratch directory for server files, removed on drop.
 struct Scratch(std::path::PathBuf);
 

@@ -220,4 +220,12 @@ impl Subscriber {
             Subscriber::Cluster(connection) => connection.ssubscribe(channel).await,
         }
     }
+
+    /// Unsubscribes from `channel`: `UNSUBSCRIBE`, or `SUNSUBSCRIBE` on a Cluster.
+    pub(super) async fn unsubscribe(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            Subscriber::Single(connection) => connection.unsubscribe(channel).await,
+            Subscriber::Cluster(connection) => connection.sunsubscribe(channel).await,
+        }
+    }
 }

@@ -34,6 +34,16 @@ pub(crate) struct Fleet {
     key: StoreKey,
     /// Shared with the store's subscription (which holds it weakly): gone with the cache.
     watch: Arc<Watch>,
+    /// `watch` as given to the store's subscription, to take it back on drop.
+    listener: Weak<dyn StoreListener>,
+}
+
+impl Drop for Fleet {
+    /// The cache is gone: its store forgets its listener (and the key's subscription when no
+    /// other cache of the key is left).
+    fn drop(&mut self) {
+        self.store.unsubscribe(&self.key, &self.listener);
+    }
 }
 
 /// The cache's side of the store's events ([`StoreEvent`]).
@@ -86,8 +96,13 @@ impl Fleet {
         });
         let listener: Arc<dyn StoreListener> = watch.clone();
         let listener: Weak<dyn StoreListener> = Arc::downgrade(&listener);
-        store.subscribe(&key, listener);
-        Self { store, key, watch }
+        store.subscribe(&key, listener.clone());
+        Self {
+            store,
+            key,
+            watch,
+            listener,
+        }
     }
 
     /// How the cache drops its token when another process had it rejected

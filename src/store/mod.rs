@@ -262,6 +262,16 @@ pub trait TokenStore: fmt::Debug + Send + Sync + 'static {
         let _ = (key, listener);
     }
 
+    /// Undoes one [`TokenStore::subscribe`] of `key` with this `listener` (compared by
+    /// pointer, [`Weak::ptr_eq`]): called when the cache that subscribed is dropped, so that
+    /// a store shared by layers made and dropped over time (one per tenant or audience, say)
+    /// keeps no listener slot, channel or server-side subscription of theirs. When the key
+    /// has no listener left, the store stops receiving its events. Never fails and never
+    /// blocks: a store with I/O to do finishes it later. The default does nothing.
+    fn unsubscribe(&self, key: &StoreKey, listener: &Weak<dyn StoreListener>) {
+        let _ = (key, listener);
+    }
+
     /// The fixed interval at which a cache waiting for another process's token request looks
     /// at the store, or `None` (the default) for the crate's schedule: after 10 ms, doubling
     /// up to 200 ms. A store that announces saves ([`StoreEvent::Saved`]) wakes its waiters at

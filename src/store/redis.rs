@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -144,14 +145,19 @@ struct Inner {
     /// every message and resubscribes by itself after a reconnection.
     subscriber: tokio::sync::Mutex<Option<Subscriber>>,
     listeners: Arc<Listeners>,
-    /// Channels with listeners, and whether the subscriber connection confirmed each.
-    channels: Mutex<HashMap<String, bool>>,
+    /// Channels with listeners, or whose last listener went but are still subscribed, and
+    /// where each stands with the subscriber connection.
+    channels: Mutex<HashMap<String, Subscription>>,
+    /// Held through each subscribing pass ([`Inner::subscribe_pending`]), so that the
+    /// `SUBSCRIBE` and `UNSUBSCRIBE` of one channel reach Redis in the order they were asked.
+    subscribing: tokio::sync::Mutex<()>,
     /// After a failed subscription: no new attempt before this moment (1 s, doubling up to
     /// 30 s), so a server that cannot subscribe (before Redis 6) costs no round trip per
     /// operation.
     subscribe_backoff: Mutex<Outage>,
-    /// Wakes the resubscription task ([`resubscribe_after_disconnections`]), started with
-    /// the first subscriber connection.
+    /// Wakes the resubscription task ([`resubscribe_after_disconnections`]) after a
+    /// disconnection or when a channel lost its last listener; started with the first
+    /// subscriber connection.
     resubscribe: OnceLock<tokio::sync::mpsc::Sender<()>>,
     sealing: Sealing,
     prefix: String,
@@ -164,11 +170,53 @@ struct Inner {
     remove: Script,
 }
 
-/// The listeners of each channel, held weakly: a listener goes with its cache.
+/// Where one channel stands with the subscriber connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subscription {
+    /// It has listeners and is not (or no longer) known to be subscribed: the next pass
+    /// subscribes.
+    Pending,
+    /// Redis confirmed the subscription.
+    Confirmed,
+    /// Its last listener went (the caches of its key were dropped): the next pass
+    /// unsubscribes and forgets the channel.
+    Leaving,
+}
+
+/// The listeners of each channel, held weakly: a listener goes with its cache; and whether
+/// the subscriber connection was lost since the resubscription task last looked.
 #[derive(Default)]
-struct Listeners(Mutex<HashMap<String, Vec<Weak<dyn StoreListener>>>>);
+struct Listeners(
+    Mutex<HashMap<String, Vec<Weak<dyn StoreListener>>>>,
+    AtomicBool,
+);
 
 impl Listeners {
+    /// The subscriber connection was lost (a `Disconnection` push).
+    fn note_disconnected(&self) {
+        self.1.store(true, Ordering::Release);
+    }
+
+    /// Whether the subscriber connection was lost since the last call.
+    fn take_disconnected(&self) -> bool {
+        self.1.swap(false, Ordering::AcqRel)
+    }
+
+    /// Forgets `listener` (and any listener already gone) on `channel`. Returns whether the
+    /// channel has no listener left (and was forgotten).
+    fn remove(&self, channel: &str, listener: &Weak<dyn StoreListener>) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(list) = map.get_mut(channel) else {
+            return true;
+        };
+        list.retain(|kept| kept.strong_count() > 0 && !Weak::ptr_eq(kept, listener));
+        if list.is_empty() {
+            map.remove(channel);
+            return true;
+        }
+        false
+    }
+
     fn add(&self, channel: &str, listener: Weak<dyn StoreListener>) {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let list = map.entry(channel.to_owned()).or_default();
@@ -396,6 +444,7 @@ impl RedisTokenStoreBuilder {
                 subscriber: tokio::sync::Mutex::new(None),
                 listeners: Arc::default(),
                 channels: Mutex::default(),
+                subscribing: tokio::sync::Mutex::new(()),
                 subscribe_backoff: Mutex::default(),
                 resubscribe: OnceLock::new(),
                 sealing,
@@ -427,18 +476,25 @@ impl Inner {
     }
 
     /// Subscribes the subscriber connection to the channels that have listeners and no
-    /// confirmed subscription yet. Failures are left for the next operation, or the
-    /// resubscription task, to retry: the caches poll meanwhile. Returns `None` when no
-    /// channel is left pending, else when to try again (the subscription backoff: 1 s,
-    /// doubling up to 30 s).
+    /// confirmed subscription yet, and unsubscribes it from those whose last listener went
+    /// (`UNSUBSCRIBE`, `SUNSUBSCRIBE` on a Cluster), forgetting them. Failures are left for the
+    /// next operation, or the resubscription task, to retry: the caches poll meanwhile.
+    /// Returns `None` when no channel is left to do, else when to try again (the
+    /// subscription backoff: 1 s, doubling up to 30 s).
     async fn subscribe_pending(&self) -> Option<Instant> {
-        let pending: Vec<String> = self
-            .lock_channels()
-            .iter()
-            .filter(|(_, confirmed)| !**confirmed)
-            .map(|(channel, _)| channel.clone())
-            .collect();
-        if pending.is_empty() {
+        let _pass = self.subscribing.lock().await;
+        let (pending, leaving): (Vec<String>, Vec<String>) = {
+            let channels = self.lock_channels();
+            let with = |wanted: Subscription| {
+                channels
+                    .iter()
+                    .filter(|(_, state)| **state == wanted)
+                    .map(|(channel, _)| channel.clone())
+                    .collect()
+            };
+            (with(Subscription::Pending), with(Subscription::Leaving))
+        };
+        if pending.is_empty() && leaving.is_empty() {
             return None;
         }
         if let Some(retry_at) = self.lock_subscribe_backoff().retry_at {
@@ -449,6 +505,9 @@ impl Inner {
         let subscribed =
             tokio::time::timeout(self.timeout.saturating_add(REDIS_CONNECT_TIMEOUT), async {
                 let mut subscriber = self.subscriber().await?;
+                for channel in &leaving {
+                    subscriber.unsubscribe(channel).await?;
+                }
                 for channel in &pending {
                     subscriber.subscribe(channel).await?;
                 }
@@ -459,8 +518,17 @@ impl Inner {
             Ok(Ok(())) => {
                 *self.lock_subscribe_backoff() = Outage::default();
                 let mut channels = self.lock_channels();
+                // Only where nothing changed meanwhile: a channel that lost its last listener
+                // during the pass is still to be left, one that got a new one still kept.
                 for channel in pending {
-                    channels.insert(channel, true);
+                    if let Some(state @ Subscription::Pending) = channels.get_mut(&channel) {
+                        *state = Subscription::Confirmed;
+                    }
+                }
+                for channel in leaving {
+                    if channels.get(&channel) == Some(&Subscription::Leaving) {
+                        channels.remove(&channel);
+                    }
                 }
                 return None;
             }
@@ -480,6 +548,16 @@ impl Inner {
         Some(retry_at)
     }
 
+    /// After the subscriber connection was lost or replaced: every confirmed channel is to
+    /// be subscribed again.
+    fn mark_unconfirmed(&self) {
+        for state in self.lock_channels().values_mut() {
+            if *state == Subscription::Confirmed {
+                *state = Subscription::Pending;
+            }
+        }
+    }
+
     fn lock_subscribe_backoff(&self) -> std::sync::MutexGuard<'_, Outage> {
         self.subscribe_backoff
             .lock()
@@ -495,6 +573,7 @@ impl Inner {
         let listeners = Arc::clone(&self.listeners);
         let handler = Arc::new(move |push: PushInfo| {
             if push.kind == PushKind::Disconnection {
+                listeners.note_disconnected();
                 let _ = resubscribe.try_send(());
             } else {
                 listeners.dispatch(push);
@@ -518,7 +597,7 @@ impl Inner {
             .clone()
     }
 
-    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscription>> {
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -547,9 +626,7 @@ impl Inner {
                     drop(outage);
                     // Subscribe again at the next operation, which also makes the subscriber
                     // connection reconnect if the outage broke it.
-                    for confirmed in self.lock_channels().values_mut() {
-                        *confirmed = false;
-                    }
+                    self.mark_unconfirmed();
                     *self.lock_subscribe_backoff() = Outage::default();
                     tracing::info!("Redis token store reachable again");
                 }
@@ -591,9 +668,7 @@ impl Inner {
         if self.backend.rediscovers() {
             *self.connection.lock().await = None;
             *self.subscriber.lock().await = None;
-            for confirmed in self.lock_channels().values_mut() {
-                *confirmed = false;
-            }
+            self.mark_unconfirmed();
         }
     }
 
@@ -604,7 +679,8 @@ impl Inner {
 
 /// The resubscription task of one store: after each disconnection of the subscriber
 /// connection (a Redis restart, a network cut), marks every channel unconfirmed and subscribes
-/// again, retrying with the subscription backoff (1 s, doubling up to 30 s) until Redis
+/// again (and, when woken by [`TokenStore::unsubscribe`], unsubscribes the channels whose
+/// last listener went), retrying with the subscription backoff (1 s, doubling up to 30 s) until Redis
 /// confirms, so that a process with no refresh due (no store operation for most of a token
 /// lifetime) hears announcements again without waiting for one. The connection manager's own
 /// reconnection tries only briefly (one retry: a long one would keep its connection alive
@@ -620,8 +696,8 @@ async fn resubscribe_after_disconnections(
         let Some(inner) = store.upgrade() else {
             return;
         };
-        for confirmed in inner.lock_channels().values_mut() {
-            *confirmed = false;
+        if inner.listeners.take_disconnected() {
+            inner.mark_unconfirmed();
         }
         drop(inner);
         loop {
@@ -794,7 +870,42 @@ impl TokenStore for RedisTokenStore {
     fn subscribe(&self, key: &StoreKey, listener: Weak<dyn StoreListener>) {
         let channel = self.inner.channel(key);
         self.inner.listeners.add(&channel, listener);
-        self.inner.lock_channels().entry(channel).or_insert(false);
+        let mut channels = self.inner.lock_channels();
+        let state = channels.entry(channel).or_insert(Subscription::Pending);
+        if *state == Subscription::Leaving {
+            // Subscribed again after the pending UNSUBSCRIBE (passes run in order).
+            *state = Subscription::Pending;
+        }
+    }
+
+    /// Forgets `listener`; when the key's channel has no listener left, the store forgets
+    /// the channel too, and its resubscription task (or else its next operation) sends the
+    /// `UNSUBSCRIBE`.
+    fn unsubscribe(&self, key: &StoreKey, listener: &Weak<dyn StoreListener>) {
+        let channel = self.inner.channel(key);
+        if !self.inner.listeners.remove(&channel, listener) {
+            return;
+        }
+        let mut channels = self.inner.lock_channels();
+        match channels.get(&channel) {
+            Some(Subscription::Confirmed) => {
+                channels.insert(channel, Subscription::Leaving);
+                drop(channels);
+                if let Some(wake) = self.inner.resubscribe.get() {
+                    let _ = wake.try_send(());
+                }
+            }
+            // No subscriber connection was ever made: nothing to undo in Redis.
+            Some(Subscription::Pending) if self.inner.resubscribe.get().is_none() => {
+                channels.remove(&channel);
+            }
+            // Perhaps subscribed before a reconnection (the connection replays its
+            // subscriptions): unsubscribed at the next pass, which costs nothing if not.
+            Some(Subscription::Pending) => {
+                channels.insert(channel, Subscription::Leaving);
+            }
+            Some(Subscription::Leaving) | None => {}
+        }
     }
 
     fn poll_interval(&self) -> Option<Duration> {
