@@ -107,15 +107,17 @@ return 0
 /// **Announcements.** Each save and each removal after a 401 is published, from inside its
 /// script, on the key's channel (`<prefix>:{<StoreKey>}:events`, messages
 /// `saved:<generation>:<nonce>` and `removed:<generation>:<nonce>`, the save's [`SaveId`]:
-/// never a token). Every store subscribes to the channels of its
-/// layers over a dedicated RESP3 connection (Redis 6 or later). When that connection drops
-/// (a Redis restart, a network cut), a small task of the store subscribes again by itself,
-/// retrying after 1 s, doubling up to 30 s, until Redis answers, even in a process with no
-/// refresh due; it holds the store only weakly and ends with it. A process waiting for another's token request wakes when it is saved, and a
-/// process still using a token that another had rejected drops it before its next request
-/// spends a 401. Announcements are best effort: a lost one costs a poll (waiters) or a 401
-/// and its replay (rejections), as without them. The subscription is made by the first store
-/// operation of a layer (its first refresh), off the request path, and ends with the store.
+/// never a token). Every store subscribes to the channels of its layers over a dedicated
+/// RESP3 connection (Redis 6 or later): a process waiting for another's token request wakes
+/// when it is saved, and a process still using a token that another had rejected drops it
+/// before its next request spends a 401. Announcements are best effort: a lost one costs a
+/// poll (waiters) or a 401 and its replay (rejections), as without them. The subscription is
+/// made by the first store operation of a layer (its first refresh), off the request path.
+/// When the subscriber connection drops (a Redis restart, a network cut), a small task of the
+/// store subscribes again by itself, retrying after 1 s, doubling up to 30 s, until Redis
+/// answers, even in a process with no refresh due; it holds the store only weakly and ends
+/// with it. The channel of a dropped layer is unsubscribed and forgotten once no layer of
+/// its key is left; everything ends with the store.
 ///
 /// ```no_run
 /// # fn run(config: nuvy_oauth2::OAuth2Config) -> Result<(), nuvy_oauth2::Error> {
@@ -680,14 +682,14 @@ impl Inner {
 /// The resubscription task of one store: after each disconnection of the subscriber
 /// connection (a Redis restart, a network cut), marks every channel unconfirmed and subscribes
 /// again (and, when woken by [`TokenStore::unsubscribe`], unsubscribes the channels whose
-/// last listener went), retrying with the subscription backoff (1 s, doubling up to 30 s) until Redis
-/// confirms, so that a process with no refresh due (no store operation for most of a token
-/// lifetime) hears announcements again without waiting for one. The connection manager's own
-/// reconnection tries only briefly (one retry: a long one would keep its connection alive
-/// after the store is gone); this task takes over from there. It holds the store only
-/// weakly, and only while subscribing: it ends when the store is gone (the `Weak` no longer
-/// upgrades) or when every sender of `woken` (the store and its subscriber connections) is
-/// gone, and never keeps a runtime, a connection or the store alive.
+/// last listener went), retrying with the subscription backoff (1 s, doubling up to 30 s)
+/// until Redis confirms, so that a process with no refresh due (no store operation for most
+/// of a token lifetime) hears announcements again without waiting for one. The connection
+/// manager's own reconnection tries only briefly (one retry: a long one would keep its
+/// connection alive after the store is gone); this task takes over from there. It holds the
+/// store only weakly, and only while subscribing: it ends when the store is gone (the `Weak`
+/// no longer upgrades) or when every sender of `woken` (the store and its subscriber
+/// connections) is gone, and never keeps a runtime, a connection or the store alive.
 async fn resubscribe_after_disconnections(
     store: Weak<Inner>,
     mut woken: tokio::sync::mpsc::Receiver<()>,
