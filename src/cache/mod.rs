@@ -874,6 +874,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_rejection_announced_by_the_fleet_drops_the_token_only_if_it_is_still_the_rejected_one(
+    ) {
+        let (cache, _) = cache_over_script(3600);
+        let asked = std::cell::Cell::new(0);
+        let asked = &asked;
+        let ask = |answer: bool| {
+            move || {
+                asked.set(asked.get() + 1);
+                answer
+            }
+        };
+        assert!(
+            !cache.drop_rejected_elsewhere(&ask(true)),
+            "a cold cache has nothing to drop and is not asked"
+        );
+        assert_eq!(asked.get(), 0);
+        let token = first_token(&cache).await;
+        assert!(
+            !cache.drop_rejected_elsewhere(&ask(false)),
+            "a token the announcement is not about stays"
+        );
+        assert_eq!(cache.current_generation(), token.generation);
+        assert!(cache.drop_rejected_elsewhere(&ask(true)));
+        assert_eq!(cache.current_generation(), 0, "the rejected token is gone");
+        assert_eq!(asked.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn debug_shows_the_generation_and_the_token_request_count() {
         let (cache, _) = cache_over_script(3600);
         first_token(&cache).await;
