@@ -82,6 +82,8 @@ pub(crate) fn phase_of(word: u64) -> u64 {
 }
 
 fn pack(generation: u64, phase: u64) -> u64 {
+    // The phase fits in the low PHASE_BITS that the shift leaves zero, so `^` here would give
+    // the same word: an equivalent mutant.
     (generation << PHASE_BITS) | phase
 }
 
@@ -213,6 +215,7 @@ fn advance_phase(word: &Word, generation: u64, phase: u64) {
     let _ = word
         .0
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+            // `>=` in the last test would only rewrite the same word (an equivalent mutant).
             (generation_of(current) == generation
                 && phase_of(current) != STALE
                 && phase > phase_of(current))
@@ -241,5 +244,69 @@ impl Wake for PhaseWaker {
             CLOCK
         };
         advance_phase(&self.word, self.generation, phase);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn token(generation: u64, refresh_ahead_at: Instant, refresh_at: Instant) -> LocalToken {
+        let header = HeaderValue::from_static("Bearer t");
+        LocalToken::new(generation, header, refresh_at, refresh_ahead_at)
+    }
+
+    #[test]
+    fn the_coarse_clock_reads_the_machines_monotonic_clock() {
+        // Ticks of 2^-32 s since boot: far more than one for any machine that has been up for
+        // a second.
+        assert!(coarse_now() > 1 << 32, "{}", coarse_now());
+    }
+
+    #[test]
+    fn a_phase_moves_forward_only_for_its_own_generation_and_never_leaves_stale() {
+        let word: Word = Arc::new(CacheLine(AtomicU64::new(pack(5, FRESH))));
+        let read = || word.0.load(Ordering::Acquire);
+        advance_phase(&word, 4, AHEAD);
+        assert_eq!(read(), pack(5, FRESH), "an older generation's timer");
+        advance_phase(&word, 5, AHEAD);
+        assert_eq!(read(), pack(5, AHEAD));
+        advance_phase(&word, 5, FRESH);
+        assert_eq!(read(), pack(5, AHEAD), "never backwards");
+        advance_phase(&word, 5, STALE);
+        assert_eq!(read(), pack(5, STALE));
+        advance_phase(&word, 5, CLOCK);
+        assert_eq!(read(), pack(5, STALE), "stale stays stale");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn phase_timers_mark_refresh_ahead_then_stale_at_their_deadlines() {
+        let published = Published::new();
+        let now = Instant::now();
+        let ahead = now + Duration::from_secs(5);
+        published.store(Some(&token(7, ahead, now + Duration::from_secs(10))));
+        assert_eq!(published.word(), pack(7, FRESH));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(published.word(), pack(7, AHEAD), "not 'read the clock'");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(published.word(), pack(7, STALE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_published_past_its_points_gets_the_phase_it_is_in() {
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let now = Instant::now();
+        let published = Published::new();
+        let past = now - Duration::from_secs(1);
+        published.store(Some(&token(3, past, now + Duration::from_secs(10))));
+        assert_eq!(published.word(), pack(3, AHEAD));
+        published.store(Some(&token(4, past, past)));
+        assert_eq!(published.word(), pack(4, STALE));
+        published.store(None);
+        assert_eq!(published.word(), pack(NO_TOKEN, STALE));
     }
 }
