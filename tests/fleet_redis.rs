@@ -1004,6 +1004,96 @@ async fn a_fleet_behind_redis_sentinel_makes_one_token_request_and_hears_of_a_40
     assert_eq!(keys.lines().count(), 2, "the token is on the master");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sentinel_failover_the_fleet_works_on_the_promoted_replica_and_no_request_fails() {
+    let scratch = Scratch::new("failover");
+    let mut master = RedisServer::start();
+    let master_port = master.port.to_string();
+    let replica = RedisServer::start_with(free_port(), &["--replicaof", "127.0.0.1", &master_port]);
+    let replica_port = replica.port.to_string();
+    wait_for_cli(
+        &["-p", &replica_port, "info", "replication"],
+        "master_link_status:up",
+    );
+    let sentinel_port = free_port().to_string();
+    let config = scratch.file("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "sentinel monitor fleet 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds fleet 300\n\
+             sentinel failover-timeout fleet 2000\n"
+        ),
+    )
+    .unwrap();
+    let _sentinel =
+        RedisServer::start_with(sentinel_port.parse().unwrap(), &[&config, "--sentinel"]);
+    // The Sentinel knows the replica (from the master's INFO) before the master goes.
+    wait_for_cli(
+        &["-p", &sentinel_port, "sentinel", "replicas", "fleet"],
+        &replica_port,
+    );
+    let server = server(Duration::from_secs(3600)).await;
+    let store = || {
+        RedisTokenStore::sentinel_builder([format!("redis://127.0.0.1:{sentinel_port}/")], "fleet")
+            .sealing_key(sealing_key())
+            .operation_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap()
+    };
+    let url = server.api_url("/v1/ping");
+    let first = layer(&server).with_token_store(store());
+    assert_eq!(
+        status_of(api(&first), get(&url)).await.unwrap(),
+        StatusCode::OK
+    );
+    // The token reached the replica before the master is killed.
+    wait_for_cli(
+        &["-p", &replica_port, "--scan", "--pattern", "nuvy-oauth2:*"],
+        "nuvy-oauth2:",
+    );
+
+    master.kill();
+    wait_for_cli(
+        &[
+            "-p",
+            &sentinel_port,
+            "sentinel",
+            "get-master-addr-by-name",
+            "fleet",
+        ],
+        &replica_port,
+    );
+    // Every request succeeds across the failover: the running layer serves its own token, and a
+    // new member right after the switch may find Redis briefly unavailable (the Sentinel names
+    // the promoted replica while it is still being reconfigured, and kills its client
+    // connections) and then requests a token for itself.
+    assert_eq!(
+        status_of(api(&first), get(&url)).await.unwrap(),
+        StatusCode::OK
+    );
+    let second = layer(&server).with_token_store(store());
+    assert_eq!(
+        status_of(api(&second), get(&url)).await.unwrap(),
+        StatusCode::OK
+    );
+    // Then the fleet works on the promoted replica: a new member finds a token there through
+    // the Sentinel and requests none of its own.
+    let mut members = Vec::new();
+    eventually(
+        "a new member takes the token from the promoted replica",
+        async || {
+            let requests = server.token_requests();
+            let member = layer(&server).with_token_store(store());
+            let status = status_of(api(&member), get(&url)).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            members.push(member);
+            server.token_requests() == requests
+        },
+    )
+    .await;
+}
+
 /// One member of a fleet of OS processes: this test binary started again with
 /// `FLEET_MEMBER_TOKEN_ENDPOINT` set (see the next test). Does nothing otherwise.
 #[tokio::test]
