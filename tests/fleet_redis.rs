@@ -1007,9 +1007,14 @@ async fn a_fleet_behind_redis_sentinel_makes_one_token_request_and_hears_of_a_40
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sentinel_failover_the_fleet_works_on_the_promoted_replica_and_no_request_fails() {
     let scratch = Scratch::new("failover");
-    let mut master = RedisServer::start();
+    // Replication writes RDB files: into the scratch directory, never the working tree.
+    let dir = scratch.file("");
+    let mut master = RedisServer::start_with(free_port(), &["--dir", &dir]);
     let master_port = master.port.to_string();
-    let replica = RedisServer::start_with(free_port(), &["--replicaof", "127.0.0.1", &master_port]);
+    let replica = RedisServer::start_with(
+        free_port(),
+        &["--dir", &dir, "--replicaof", "127.0.0.1", &master_port],
+    );
     let replica_port = replica.port.to_string();
     wait_for_cli(
         &["-p", &replica_port, "info", "replication"],
