@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,19 +15,6 @@ const SECRET: &str = "s3cr3t-p@ss:w+rd/%=";
 /// Put in every other secret-bearing place: URL userinfo and query, extra parameter values.
 const MARKER: &str = "M4rk3r-9xQ";
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn assert_clean(text: &str, secrets: &[&str]) {
     for secret in secrets {
         assert!(!secret.is_empty());
@@ -38,7 +24,7 @@ fn assert_clean(text: &str, secrets: &[&str]) {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
-    let logs = Captured::default();
+    let logs = CapturedLogs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -275,7 +261,7 @@ async fn no_debug_display_error_or_trace_output_shows_a_secret_or_a_token() {
     tokio::time::advance(Duration::from_secs(3600)).await; // past expiry
     status_of(api.clone(), get(&url)).await.unwrap();
 
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.take();
     assert!(
         logs.contains("access token obtained"),
         "tracing is on: {logs}"

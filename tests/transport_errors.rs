@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::tls::{TestCa, TlsFront};
@@ -17,25 +15,6 @@ use tokio::net::TcpListener;
 
 const CLIENT_ID: &str = "ops-client";
 const SECRET: &str = "ops-s3cr3t";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn take(&self) -> String {
-        String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
-    }
-}
 
 /// A port on 127.0.0.1 where nothing listens.
 async fn closed_port() -> u16 {
@@ -61,7 +40,7 @@ async fn resetting_server() -> u16 {
 
 /// One token request to `endpoint` through a fresh layer; returns its error, the error in
 /// `status().last_error` and the captured log.
-async fn fail(endpoint: &str, insecure: bool, logs: &Captured) -> (nuvy_oauth2::Error, String) {
+async fn fail(endpoint: &str, insecure: bool, logs: &CapturedLogs) -> (nuvy_oauth2::Error, String) {
     let config = OAuth2Config::builder(ClientCredentials::new(CLIENT_ID, SECRET))
         .token_endpoint(endpoint)
         .allow_insecure_http(insecure)
@@ -80,7 +59,7 @@ async fn fail(endpoint: &str, insecure: bool, logs: &Captured) -> (nuvy_oauth2::
 
 #[tokio::test(flavor = "current_thread")]
 async fn transport_failures_say_why_in_one_line_with_the_endpoint() {
-    let logs = Captured::default();
+    let logs = CapturedLogs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)

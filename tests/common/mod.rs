@@ -18,6 +18,10 @@ pub mod tls;
 /// An HTTP CONNECT proxy on loopback that records what it was asked.
 pub mod proxy;
 
+/// A `tracing` writer that keeps what the crate logged.
+pub mod logs;
+pub use logs::CapturedLogs;
+
 pub use test_util::{NuvyServer, NuvyServerBuilder, RecordedRequest, ScriptedResponse};
 
 use std::time::Duration;
