@@ -230,10 +230,7 @@ async fn tokens_at_rest_are_sealed_and_another_key_never_uses_them() {
     let redis = RedisServer::start();
     let server = server(Duration::from_secs(3600)).await;
     let first = layer(&server).with_token_store(store(&redis));
-    let status = status_of(api(&first), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &first).await;
     let token = first.token_cache().access_token().unwrap();
 
     // What Redis holds: no access token in it.
@@ -269,10 +266,7 @@ async fn tokens_at_rest_are_sealed_and_another_key_never_uses_them() {
         .build()
         .unwrap();
     let second = layer(&server).with_token_store(other_key);
-    let status = status_of(api(&second), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &second).await;
     assert_eq!(second.token_cache().token_requests(), 1);
     assert_eq!(server.token_requests(), 2);
 }
@@ -302,18 +296,12 @@ async fn a_401_removes_the_rejected_token_for_the_whole_fleet() {
     let server = server(Duration::from_secs(3600)).await;
     let layers = fleet(&server, &redis, 3);
     for layer in &layers {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        ping_ok(&server, layer).await;
     }
     assert_eq!(server.token_requests(), 1);
     server.revoke_all_tokens();
     for layer in &layers {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        ping_ok(&server, layer).await;
     }
     assert_eq!(server.token_requests(), 2, "one new token for the fleet");
 }
@@ -370,6 +358,32 @@ async fn command_calls(connection: &mut redis::aio::MultiplexedConnection, comma
         .map_or(0, |calls| calls.parse().unwrap())
 }
 
+/// Calls the embedded API through `layer` and asserts a 200.
+async fn ping_ok(server: &NuvyServer, layer: &OAuth2Layer) {
+    let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Two layers on stores of `redis`, each past its first call, both stores subscribed to the
+/// announcements.
+async fn two_subscribed_layers(
+    server: &NuvyServer,
+    redis: &RedisServer,
+    inspector: &mut redis::aio::MultiplexedConnection,
+) -> (OAuth2Layer, OAuth2Layer) {
+    let a = layer(server).with_token_store(store(redis));
+    let b = layer(server).with_token_store(store(redis));
+    ping_ok(server, &a).await;
+    ping_ok(server, &b).await;
+    eventually("both stores subscribed", async || {
+        subscribers(inspector).await == 2
+    })
+    .await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_announced_through_redis_spares_the_other_processes_their_own_401() {
     let redis = RedisServer::start();
@@ -378,10 +392,7 @@ async fn a_401_announced_through_redis_spares_the_other_processes_their_own_401(
     let a = layer(&server).with_token_store(store(&redis));
     let b = layer(&server).with_token_store(store(&redis));
     for layer in [&a, &b] {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        ping_ok(&server, layer).await;
     }
     assert_eq!(server.token_requests(), 1, "both hold the one token");
     // Each store subscribed with its first operation.
@@ -407,10 +418,7 @@ async fn a_401_announced_through_redis_spares_the_other_processes_their_own_401(
         b.token_cache().current_generation() == 0
     })
     .await;
-    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &b).await;
     assert_eq!(
         server.api_unauthorized(),
         1,
@@ -438,20 +446,7 @@ async fn after_a_redis_restart_the_stores_subscribe_again_and_announcements_work
     let port = redis.port;
     let mut inspector = inspect(&redis).await;
     let server = server(Duration::from_secs(3600)).await;
-    let a = layer(&server).with_token_store(store(&redis));
-    let b = layer(&server).with_token_store(store(&redis));
-    let call = async |layer: &OAuth2Layer| {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
-    };
-    call(&a).await;
-    call(&b).await;
-    eventually("both stores subscribed", async || {
-        subscribers(&mut inspector).await == 2
-    })
-    .await;
+    let (a, b) = two_subscribed_layers(&server, &redis, &mut inspector).await;
 
     // A restart (no persistence: an empty Redis), then refreshes on both layers until both
     // stores have subscribed again. No call fails meanwhile.
@@ -463,7 +458,7 @@ async fn after_a_redis_restart_the_stores_subscribe_again_and_announcements_work
             layer
                 .token_cache()
                 .invalidate(layer.token_cache().current_generation());
-            call(layer).await;
+            ping_ok(&server, layer).await;
         }
         subscribers(&mut inspector).await == 2
     })
@@ -474,7 +469,7 @@ async fn after_a_redis_restart_the_stores_subscribe_again_and_announcements_work
             layer
                 .token_cache()
                 .invalidate(layer.token_cache().current_generation());
-            call(layer).await;
+            ping_ok(&server, layer).await;
         }
         a.token_cache().access_token() == b.token_cache().access_token()
     })
@@ -482,13 +477,13 @@ async fn after_a_redis_restart_the_stores_subscribe_again_and_announcements_work
 
     server.revoke_all_tokens();
     let unauthorized = server.api_unauthorized();
-    call(&a).await;
+    ping_ok(&server, &a).await;
     assert_eq!(server.api_unauthorized(), unauthorized + 1);
     eventually("B dropped the token A had rejected", async || {
         b.token_cache().current_generation() == 0
     })
     .await;
-    call(&b).await;
+    ping_ok(&server, &b).await;
     assert_eq!(server.api_unauthorized(), unauthorized + 1, "B met no 401");
 }
 
@@ -522,10 +517,7 @@ async fn a_process_waiting_for_the_fleet_token_wakes_when_it_is_saved_not_at_its
     })
     .await;
     assert_eq!(server.token_requests_in_flight(), 1);
-    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &b).await;
     assert_eq!(holder.await.unwrap().unwrap(), StatusCode::OK);
     assert_eq!(server.token_requests(), 1);
     assert_eq!(b.token_cache().token_requests(), 0, "B took A's token");
@@ -609,10 +601,7 @@ async fn a_401_for_an_old_token_never_removes_a_newer_token_of_the_same_number()
     let mut inspector = inspect(&redis).await;
     let server = server(Duration::from_secs(3600)).await;
     let b = layer(&server).with_token_store(store(&redis));
-    let status = status_of(api(&b), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &b).await;
     let old = b.token_cache().access_token().unwrap();
     // Redis loses its data (FLUSHALL here; the same after a restart without persistence).
     let _: () = redis::cmd("FLUSHALL")
@@ -621,10 +610,7 @@ async fn a_401_for_an_old_token_never_removes_a_newer_token_of_the_same_number()
         .unwrap();
     // A starts: requests a new token and saves it, as generation 1 again.
     let a = layer(&server).with_token_store(store(&redis));
-    let status = status_of(api(&a), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &a).await;
     assert_eq!(server.token_requests(), 2);
     eventually("both stores subscribed", async || {
         subscribers(&mut inspector).await == 2
@@ -678,20 +664,7 @@ async fn an_idle_process_hears_announcements_again_after_a_redis_restart() {
     let port = redis.port;
     let mut inspector = inspect(&redis).await;
     let server = server(Duration::from_secs(3600)).await;
-    let a = layer(&server).with_token_store(store(&redis));
-    let b = layer(&server).with_token_store(store(&redis));
-    let call = async |layer: &OAuth2Layer| {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
-    };
-    call(&a).await;
-    call(&b).await;
-    eventually("both stores subscribed", async || {
-        subscribers(&mut inspector).await == 2
-    })
-    .await;
+    let (a, b) = two_subscribed_layers(&server, &redis, &mut inspector).await;
 
     redis.kill();
     // Real time: the restart must outlast the connection manager's reconnection attempt.
@@ -702,7 +675,7 @@ async fn an_idle_process_hears_announcements_again_after_a_redis_restart() {
     eventually("B subscribed again", async || {
         b.token_cache()
             .invalidate(b.token_cache().current_generation());
-        call(&b).await;
+        ping_ok(&server, &b).await;
         subscribers(&mut inspector).await >= 1
     })
     .await;
@@ -722,10 +695,7 @@ async fn a_dropped_store_closes_its_connections() {
     let server = server(Duration::from_secs(3600)).await;
     let shared = store(&redis);
     let a = layer(&server).with_token_store(shared.clone());
-    let status = status_of(api(&a), get(&server.api_url("/v1/ping")))
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    ping_ok(&server, &a).await;
     let clients = async |inspector: &mut redis::aio::MultiplexedConnection| -> usize {
         let list: String = redis::cmd("CLIENT")
             .arg("LIST")
@@ -755,12 +725,6 @@ async fn a_shared_store_forgets_the_channels_of_dropped_layers() {
     let server = server(Duration::from_secs(3600)).await;
     let shared = store(&redis);
     let kept = layer(&server).with_token_store(shared.clone());
-    let call = async |layer: &OAuth2Layer| {
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
-    };
     let channels = async |inspector: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
         redis::cmd("PUBSUB")
             .arg("CHANNELS")
@@ -769,7 +733,7 @@ async fn a_shared_store_forgets_the_channels_of_dropped_layers() {
             .await
             .unwrap()
     };
-    call(&kept).await;
+    ping_ok(&server, &kept).await;
     for round in 0..20 {
         let config = config_builder(&server)
             .audience(format!("tenant-{round}"))
@@ -780,13 +744,13 @@ async fn a_shared_store_forgets_the_channels_of_dropped_layers() {
             .with_token_store(shared.clone());
         // Half of them refresh (and subscribe) before they go, half never do.
         if round % 2 == 0 {
-            call(&gone).await;
+            ping_ok(&server, &gone).await;
             assert_eq!(channels(&mut inspector).await.len(), 2);
         }
         drop(gone);
         kept.token_cache()
             .invalidate(kept.token_cache().current_generation());
-        call(&kept).await;
+        ping_ok(&server, &kept).await;
     }
     let kept_channel = format!(
         "nuvy-oauth2:{{{}}}:events",
@@ -880,10 +844,7 @@ async fn ten_layers_cold_then_one_401(server: &NuvyServer, store: impl Fn() -> R
             async || layer.token_cache().current_generation() == 0,
         )
         .await;
-        let status = status_of(api(layer), get(&server.api_url("/v1/ping")))
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        ping_ok(&server, layer).await;
     }
     assert_eq!(
         server.api_unauthorized(),

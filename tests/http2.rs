@@ -210,18 +210,28 @@ fn streamed(chunks: usize, chunk_len: usize) -> Streaming {
     body.boxed_unsync()
 }
 
+/// A first small streamed upload (its token fetched and accepted), then every token revoked
+/// once it is past the rejection window: the next upload meets a 401.
+async fn upload_then_revoke(
+    server: &NuvyServer,
+    api: &OAuth2RetryService<Client<HttpConnector, Streaming>>,
+    url: &str,
+) {
+    let request = Request::post(url).body(streamed(1, 10)).unwrap();
+    assert_eq!(
+        api.clone().oneshot(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+    age_and_revoke_tokens(server).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_small_streamed_body_over_h2c_is_replayed_from_the_bytes_kept_while_it_streamed() {
     let server = server(Duration::from_secs(3600)).await;
     let layer = layer(&server);
     let api = h2c_api::<Streaming>(&layer);
     let url = server.api_url("/v1/upload");
-    let request = Request::post(&url).body(streamed(1, 10)).unwrap();
-    assert_eq!(
-        api.clone().oneshot(request).await.unwrap().status(),
-        StatusCode::OK
-    );
-    age_and_revoke_tokens(&server).await;
+    upload_then_revoke(&server, &api, &url).await;
 
     // 3 frames of 1,000 bytes: well under the 64 KiB cap.
     let request = Request::post(&url).body(streamed(3, 1000)).unwrap();
@@ -244,12 +254,7 @@ async fn a_streamed_body_over_the_cap_over_h2c_is_sent_once_and_its_401_returned
     let layer = layer(&server).max_replay_body_bytes(4096);
     let api = h2c_api::<Streaming>(&layer);
     let url = server.api_url("/v1/upload");
-    let request = Request::post(&url).body(streamed(1, 10)).unwrap();
-    assert_eq!(
-        api.clone().oneshot(request).await.unwrap().status(),
-        StatusCode::OK
-    );
-    age_and_revoke_tokens(&server).await;
+    upload_then_revoke(&server, &api, &url).await;
 
     // 5 frames of 1,000 bytes: over the 4,096-byte cap.
     let request = Request::post(&url).body(streamed(5, 1000)).unwrap();
