@@ -844,7 +844,7 @@ async fn ten_layers_cold_then_one_401(server: &NuvyServer, store: impl Fn() -> R
             async || layer.token_cache().current_generation() == 0,
         )
         .await;
-        ping_ok(&server, layer).await;
+        ping_ok(server, layer).await;
     }
     assert_eq!(
         server.api_unauthorized(),
