@@ -9,7 +9,9 @@
 //! - `mutex_cache`: Go x/oauth2's shape, a `Mutex<Option<(HeaderValue, Instant)>>` checked per
 //!   call;
 //! - `rwlock_headers`: google-cloud-auth's shape, an `RwLock<HeaderMap>` cloned per call;
-//! - `ours`: `OAuth2Layer`; `ours_with_retry`: `OAuth2Layer::with_retry()`.
+//! - `ours`: `OAuth2Layer`; `ours_with_retry`: `OAuth2Layer::with_retry()`;
+//! - `no_layer`: the inner service alone, the floor (building, sending and dropping a request
+//!   and its response): what a layer adds is its figure minus this one.
 //!
 //! Patterns: `reused` (one instance, `ready` + `call`), `clone_per_request` (a clone of a
 //! never-called service per request, `ready` + `call`), `oneshot` (the README's
@@ -25,7 +27,10 @@
 //! quartiles of the per-round ratios. Requests are built before the timer starts.
 //!
 //! Arguments (after `cargo bench --bench warm_path --`): a substring filter on
-//! `pattern/variant`, `--rounds N` (default 31), `--calls N` per measurement (default 4000).
+//! `pattern/variant` (a trailing `$` anchors it at the end), `--rounds N` (default 31),
+//! `--calls N` per measurement (default 4000), `--only` (the matching cases without the
+//! static-header baseline: for counting instructions per call, see
+//! `benches/warm-path/instructions.sh`).
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -199,6 +204,7 @@ struct Pattern {
 macro_rules! for_each_variant {
     ($setup:expr, $body:ident) => {{
         let setup = &$setup;
+        $body!("no_layer", Trivial);
         $body!(
             "static_header",
             SetRequestHeaderLayer::overriding(AUTHORIZATION, setup.header.clone()).layer(Trivial)
@@ -432,6 +438,9 @@ fn clock_pattern(runtime: &Arc<tokio::runtime::Runtime>) -> Pattern {
 
 struct Options {
     filter: Option<String>,
+    /// `--only`: the matching cases without the baseline (for counting instructions per call
+    /// under `valgrind --tool=callgrind`, see BENCHMARKS.md).
+    only: bool,
     rounds: usize,
     calls: u64,
 }
@@ -439,6 +448,7 @@ struct Options {
 fn options() -> Options {
     let mut options = Options {
         filter: None,
+        only: false,
         rounds: 31,
         calls: 4_000,
     };
@@ -447,6 +457,7 @@ fn options() -> Options {
         match arg.as_str() {
             "--rounds" => options.rounds = args.next().and_then(|n| n.parse().ok()).unwrap(),
             "--calls" => options.calls = args.next().and_then(|n| n.parse().ok()).unwrap(),
+            "--only" => options.only = true,
             // Passed by cargo bench / cargo test.
             "--bench" | "--test" | "--nocapture" => {}
             other if other.starts_with("--") => {}
@@ -465,13 +476,20 @@ fn run(pattern: &mut Pattern, options: &Options) {
     // A filter keeps the cases it matches, and the baseline they are divided by.
     let filter = options.filter.as_deref().unwrap_or("");
     let name = pattern.name.clone();
-    let matches = |variant: &str| format!("{name}/{variant}").contains(filter);
+    // A trailing `$` anchors the filter at the end: `reused/ours$` leaves out `ours_with_retry`.
+    let matches = |variant: &str| {
+        let case = format!("{name}/{variant}");
+        match filter.strip_suffix('$') {
+            Some(end) => case.ends_with(end),
+            None => case.contains(filter),
+        }
+    };
     if !pattern.cases.iter().any(|(variant, _)| matches(variant)) {
         return;
     }
     pattern
         .cases
-        .retain(|(variant, _)| matches(variant) || *variant == "static_header");
+        .retain(|(variant, _)| matches(variant) || (!options.only && *variant == "static_header"));
     // Warm-up: every case once (first clones promote shared buffers, threads register).
     for (_, measure) in &mut pattern.cases {
         measure(options.calls / 10);
