@@ -108,70 +108,109 @@ where
     type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::WaitingForToken { waiting } => {
-                    let Some(pending) = waiting.as_mut() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    let local = ready!(pending.token.as_mut().poll(cx))?;
-                    let Some(waiting) = waiting.take() else {
-                        return Poll::Ready(Err(polled_after_completion()));
-                    };
-                    let Waiting {
-                        mut inner,
-                        mut request,
-                        cache,
-                        ..
-                    } = *waiting;
-                    request
-                        .headers_mut()
-                        .insert(AUTHORIZATION, local.authorization.clone());
-                    let future = inner.call(request);
-                    this.state.set(State::Calling {
-                        future,
-                        generation: local.generation,
-                        cache,
-                    });
-                }
-                StateProj::Calling {
-                    future,
-                    generation,
-                    cache,
-                } => {
-                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    // A token rejection: a 401 about the token, or gRPC UNAUTHENTICATED in the
-                    // headers (a Trailers-Only response, how gRPC servers refuse a call).
-                    let rejected = if response.status() == StatusCode::UNAUTHORIZED {
-                        crate::challenge::is_token_rejection(response.headers())
-                    } else {
-                        is_grpc_unauthenticated(response.headers())
-                    };
-                    // Whether or not the request is replayed, the next one gets a new token.
-                    // (A cache whose every clone is gone has nothing left to invalidate.)
-                    let replay = rejected
-                        && cache.cache().is_some_and(|cache| {
-                            cache.reject(*generation, Instant::now()).allows_replay()
-                        });
-                    if replay {
-                        response
-                            .extensions_mut()
-                            .insert(UsedTokenGeneration(*generation));
-                    }
-                    let (generation, cache) = (*generation, *cache);
-                    return Poll::Ready(Ok(
-                        response.map(|body| ResponseBody::new(body, generation, cache))
-                    ));
-                }
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(match error.take() {
-                        Some(error) => error.into(),
-                        None => polled_after_completion(),
-                    }));
-                }
+            // The warm path's case, kept small: the inner service was called at once.
+            if let StateProj::Calling {
+                future,
+                generation,
+                cache,
+            } = state.as_mut().project()
+            {
+                let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                return Poll::Ready(Ok(answered(response, *generation, *cache)));
+            }
+            if let Some(outcome) = poll_cold(state.as_mut(), cx) {
+                return outcome;
             }
         }
+    }
+}
+
+/// The states before the inner service is called: waiting for the token, or failed. `None`
+/// when the state is now `Calling`: poll again.
+#[inline(never)]
+fn poll_cold<S, B, ResBody>(
+    mut state: Pin<&mut State<S, B>>,
+    cx: &mut Context<'_>,
+) -> Option<Poll<Result<Response<ResponseBody<ResBody>>, BoxError>>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+{
+    let failed = |error: BoxError| Some(Poll::Ready(Err(error)));
+    match state.as_mut().project() {
+        StateProj::WaitingForToken { waiting } => {
+            let Some(pending) = waiting.as_mut() else {
+                return failed(polled_after_completion());
+            };
+            let local = match pending.token.as_mut().poll(cx) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Err(error)) => return failed(error.into()),
+                Poll::Ready(Ok(local)) => local,
+            };
+            let Some(waiting) = waiting.take() else {
+                return failed(polled_after_completion());
+            };
+            let Waiting {
+                mut inner,
+                mut request,
+                cache,
+                ..
+            } = *waiting;
+            request
+                .headers_mut()
+                .insert(AUTHORIZATION, local.authorization.clone());
+            let future = inner.call(request);
+            state.set(State::Calling {
+                future,
+                generation: local.generation,
+                cache,
+            });
+            None
+        }
+        StateProj::Calling { .. } => None,
+        StateProj::Failed { error } => failed(match error.take() {
+            Some(error) => error.into(),
+            None => polled_after_completion(),
+        }),
+    }
+}
+
+/// The inner service's response, its body wrapped in [`ResponseBody`]; a token rejection
+/// (a 401 about the token, or gRPC UNAUTHENTICATED in the headers: a Trailers-Only response,
+/// how gRPC servers refuse a call) invalidates the token `generation` and, when a replay is
+/// allowed, is tagged with [`UsedTokenGeneration`].
+#[inline]
+fn answered<ResBody>(
+    mut response: Response<ResBody>,
+    generation: u64,
+    cache: CacheId,
+) -> Response<ResponseBody<ResBody>> {
+    // A response without headers cannot carry `grpc-status`: only a 401 needs a look then.
+    if response.status() == StatusCode::UNAUTHORIZED || !response.headers().is_empty() {
+        tag_token_rejection(&mut response, generation, cache);
+    }
+    response.map(|body| ResponseBody::new(body, generation, cache))
+}
+
+#[inline(never)]
+fn tag_token_rejection<ResBody>(response: &mut Response<ResBody>, generation: u64, cache: CacheId) {
+    let rejected = if response.status() == StatusCode::UNAUTHORIZED {
+        crate::challenge::is_token_rejection(response.headers())
+    } else {
+        is_grpc_unauthenticated(response.headers())
+    };
+    // Whether or not the request is replayed, the next one gets a new token. (A cache whose
+    // every clone is gone has nothing left to invalidate.)
+    let replay = rejected
+        && cache
+            .cache()
+            .is_some_and(|cache| cache.reject(generation, Instant::now()).allows_replay());
+    if replay {
+        response
+            .extensions_mut()
+            .insert(UsedTokenGeneration(generation));
     }
 }
 

@@ -99,26 +99,36 @@ impl AllowedOrigins {
     /// # Errors
     /// [`ErrorKind::OriginNotAllowed`] naming the request's origin (never its path, query or
     /// userinfo, never the token).
-    #[inline]
     pub(crate) fn check(&self, uri: &Uri) -> Result<(), Error> {
         // Fast path: the scheme (parsed case-insensitively by `http`) and the authority text as
         // written, compared with the precomputed forms. Only accepts; anything else (userinfo,
         // other case, no match) goes through the full comparison below.
-        if let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) {
-            let https = *scheme == Scheme::HTTPS;
-            if https || *scheme == Scheme::HTTP {
-                let authority = authority.as_str();
-                let named = self.origins.iter().any(|origin| {
-                    origin.https == https
-                        && (*origin.authority_with_port == *authority
-                            || origin.authority_without_port.as_deref() == Some(authority))
-                });
-                if named {
-                    return Ok(());
-                }
-            }
+        if self.admits_as_written(uri, true) {
+            return Ok(());
         }
         self.check_parsed(uri)
+    }
+
+    /// The warm path's check: whether `uri` is absolute `https` (or `http` when
+    /// `allow_http`) and its authority, as written, is one of the precomputed forms of an
+    /// allowed origin. One scheme comparison and a short text compare; `false` sends the
+    /// request to [`check`](Self::check) and the scheme check, which decide (userinfo, another
+    /// case, an IPv6 spelling, a relative URI: accepted or refused there).
+    #[inline]
+    pub(crate) fn admits_as_written(&self, uri: &Uri, allow_http: bool) -> bool {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return false;
+        };
+        let https = *scheme == Scheme::HTTPS;
+        if !(https || (allow_http && *scheme == Scheme::HTTP)) {
+            return false;
+        }
+        let authority = authority.as_str();
+        self.origins.iter().any(|origin| {
+            origin.https == https
+                && (*origin.authority_with_port == *authority
+                    || origin.authority_without_port.as_deref() == Some(authority))
+        })
     }
 
     /// The full comparison: scheme, host and port parsed out of the URI.

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::ResponseBody;
-use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, STALE};
+use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, FRESH, STALE};
 use crate::error::{Error, ErrorKind};
 use crate::future::ResponseFuture;
 
@@ -114,6 +114,67 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // The warm path, kept small: an allowed origin as written, a fresh token (one atomic
+        // load says which generation is current and that its phase timer has not marked the
+        // refresh-ahead point; a coarse clock read, about 3 ns, is the backstop), this
+        // service's copy of it or the published one. Everything else (a refresh due, a
+        // request to refuse, no token) is decided by `call_cold`.
+        if !self
+            .cache
+            .allowed_origins()
+            .admits_as_written(request.uri(), self.allow_insecure_http)
+        {
+            return self.call_cold(request);
+        }
+        let word = self.cache.published_word();
+        let generation = generation_of(word);
+        let authorization = match &self.local {
+            Some(local)
+                if phase_of(word) == FRESH
+                    && local.generation == generation
+                    && local.fresh_on_coarse_clock() =>
+            {
+                local.authorization.clone()
+            }
+            Some(_) => return self.call_cold(request),
+            None => {
+                // No copy yet (a clone of a service that was never called: `oneshot` on
+                // `api.clone()`, Buffer, BoxCloneService): the published token, lock-free.
+                let published = self.cache.published_token();
+                let Some(token) = published.as_deref().filter(|token| {
+                    phase_of(word) == FRESH
+                        && token.generation == generation
+                        && token.fresh_on_coarse_clock()
+                }) else {
+                    drop(published);
+                    return self.call_cold(request);
+                };
+                // Keep a copy only from the second call of this instance on: a service used
+                // for one request (`oneshot` on a clone) would pay for the copy and never use
+                // it.
+                if self.calls_from_published {
+                    self.local = Some(token.clone());
+                } else {
+                    self.calls_from_published = true;
+                }
+                token.authorization.clone()
+            }
+        };
+        request.headers_mut().insert(AUTHORIZATION, authorization);
+        let future = self.inner.call(request);
+        ResponseFuture::called(future, generation, self.cache.id())
+    }
+}
+
+impl<S> OAuth2Service<S> {
+    /// Every request the warm path of `call` did not send: checks the destination in full,
+    /// then serves the token in any phase (starting the background refresh when it is due),
+    /// or waits for the refresh.
+    #[inline(never)]
+    fn call_cold<B>(&mut self, mut request: Request<B>) -> ResponseFuture<S, B>
+    where
+        S: Service<Request<B>> + Clone,
+    {
         // A URI without a scheme (tonic's `/package.Service/Method`) leaves the connection's
         // security to the transport below, which chose it; an explicit `http` is refused.
         if !self.allow_insecure_http && request.uri().scheme() == Some(&Scheme::HTTP) {
@@ -124,9 +185,8 @@ where
         if let Err(error) = self.cache.allowed_origins().check(request.uri()) {
             return ResponseFuture::failed(error);
         }
-        // The warm path: one atomic load says which token generation is current and whether
-        // it is still fresh (a timer per generation keeps that phase; see cache::snapshot), so
-        // no clock is read but a coarse one (about 3 ns) as a backstop.
+        // The token in any phase but stale: one atomic load says which generation is current
+        // and its phase (a timer per generation keeps it; see cache::snapshot).
         let word = self.cache.published_word();
         let phase = phase_of(word);
         if phase != STALE {

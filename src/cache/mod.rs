@@ -68,7 +68,7 @@ impl Rejection {
 }
 
 use snapshot::{coarse_deadline, coarse_now, Published, AHEAD, CLOCK, NO_TOKEN};
-pub(crate) use snapshot::{generation_of, phase_of, STALE};
+pub(crate) use snapshot::{generation_of, phase_of, FRESH, STALE};
 
 /// A service's own copy of the current token: what the warm path reads.
 #[derive(Clone)]
@@ -101,6 +101,14 @@ impl LocalToken {
             coarse_refresh_at: coarse_deadline(refresh_at),
             coarse_refresh_ahead_at: coarse_deadline(refresh_ahead_at),
         }
+    }
+
+    /// Whether the coarse clock (the backstop of the phase timers, see [`snapshot`]) has not
+    /// reached this token's refresh-ahead point: with a [`FRESH`] phase, all the warm path
+    /// needs to send it. About 3 ns.
+    #[inline]
+    pub(crate) fn fresh_on_coarse_clock(&self) -> bool {
+        coarse_now() < self.coarse_refresh_ahead_at
     }
 
     /// Whether the warm path may use this token, the published one, in `phase` (of the word it
