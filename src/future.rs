@@ -107,6 +107,7 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody>>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {

@@ -113,6 +113,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The warm path, kept small: an allowed origin as written, a fresh token (one atomic
         // load says which generation is current and that its phase timer has not marked the

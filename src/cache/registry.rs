@@ -9,14 +9,16 @@
 //! invalidate.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use super::{Shared, TokenCache};
 
-/// Names one [`TokenCache`] for the life of the process (ids are never reused).
+/// Names one [`TokenCache`] for the life of the process (ids are never reused). Never zero, so
+/// an `Option<CacheId>` (in [`crate::ResponseBody`]) takes no more room than the id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct CacheId(u64);
+pub(crate) struct CacheId(NonZeroU64);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -30,7 +32,9 @@ fn caches() -> std::sync::MutexGuard<'static, HashMap<CacheId, Weak<Shared>>> {
 impl CacheId {
     /// A new id, never handed out before.
     pub(super) fn next() -> Self {
-        Self(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+        // Starts at 1; the counter would wrap to 0 only after 2^64 caches.
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Self(NonZeroU64::new(id).unwrap_or(NonZeroU64::MAX))
     }
 
     /// The cache of this id, if a clone of it is still alive.
