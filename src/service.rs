@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::ResponseBody;
-use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, FRESH, STALE};
+use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, STALE};
 use crate::error::{Error, ErrorKind};
 use crate::future::ResponseFuture;
 
@@ -21,12 +21,17 @@ use crate::future::ResponseFuture;
 /// - **Warm path** (a valid token), in every usage pattern (one reused instance, a clone per
 ///   request, `oneshot` on a clone of a service that was never called, `Buffer`,
 ///   `BoxCloneService`): one atomic load of the token's generation and phase (or one more
-///   lock-free `ArcSwap` load when this instance holds no copy of the token yet), a coarse
-///   clock read (about 3 ns; no full clock read: two Tokio timers per token mark its
-///   refresh-ahead and refresh points), the header insert; no lock, no allocation beyond the
-///   header insert, and the inner service is called at once. A token is served at most one
-///   coarse clock tick (Linux 1-10 ms, Windows about 16 ms) past its refresh point, which comes
-///   the refresh margin (at least 10 % of the lifetime) before its expiry: never past expiry.
+///   lock-free `ArcSwap` load when this instance holds no copy of the token yet), the origin
+///   check, the header insert; no lock, no allocation beyond the header insert, and the inner
+///   service is called at once. No full clock read: two Tokio timers per token mark its
+///   refresh-ahead and refresh points. On a multi-thread runtime (the one the token was
+///   fetched on), whose workers keep driving them, that is all; otherwise a coarse clock read
+///   (about 3 ns) backs them up. A token is served at most one coarse clock tick (Linux
+///   1-10 ms, Windows about 16 ms) past its refresh point, which comes the refresh margin (at
+///   least 10 % of the lifetime) before its expiry: never past expiry. (On a multi-thread
+///   runtime, the coarse clock takes over at the refresh-ahead point, about 15 % of the
+///   lifetime before the refresh point: only a timer that late, with every worker blocked,
+///   could let a token through past it.)
 /// - **Cold path** (no token, or inside its refresh margin): the request waits for the single
 ///   shared refresh, then goes to the inner service that was polled ready.
 /// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it
@@ -117,9 +122,9 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The warm path, kept small: an allowed origin as written, a fresh token (one atomic
         // load says which generation is current and that its phase timer has not marked the
-        // refresh-ahead point; a coarse clock read, about 3 ns, is the backstop), this
-        // service's copy of it or the published one. Everything else (a refresh due, a
-        // request to refuse, no token) is decided by `call_cold`.
+        // refresh-ahead point; see `LocalToken::is_fresh`), this service's copy of it or the
+        // published one. Everything else (a refresh due, a request to refuse, no token) is
+        // decided by `call_cold`.
         if !self
             .cache
             .allowed_origins()
@@ -130,11 +135,7 @@ where
         let word = self.cache.published_word();
         let generation = generation_of(word);
         let authorization = match &self.local {
-            Some(local)
-                if phase_of(word) == FRESH
-                    && local.generation == generation
-                    && local.fresh_on_coarse_clock() =>
-            {
+            Some(local) if local.generation == generation && local.is_fresh(word) => {
                 local.authorization.clone()
             }
             Some(_) => return self.call_cold(request),
@@ -142,11 +143,10 @@ where
                 // No copy yet (a clone of a service that was never called: `oneshot` on
                 // `api.clone()`, Buffer, BoxCloneService): the published token, lock-free.
                 let published = self.cache.published_token();
-                let Some(token) = published.as_deref().filter(|token| {
-                    phase_of(word) == FRESH
-                        && token.generation == generation
-                        && token.fresh_on_coarse_clock()
-                }) else {
+                let Some(token) = published
+                    .as_deref()
+                    .filter(|token| token.generation == generation && token.is_fresh(word))
+                else {
                     drop(published);
                     return self.call_cold(request);
                 };

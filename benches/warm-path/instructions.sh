@@ -5,6 +5,7 @@
 # embedded server, the first token request) cancels out.
 #
 #   benches/warm-path/instructions.sh [pattern ...]     (default: the single-threaded patterns)
+#   WARM_PATH_ARGS=--current-thread-token benches/warm-path/instructions.sh ...
 #
 # Needs valgrind. Prints a Markdown table: per pattern, the instructions per call of the inner
 # service alone (`no_layer`: building, sending and dropping a request and its response), then
@@ -24,7 +25,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 instructions() { # filter calls
     valgrind --tool=callgrind --callgrind-out-file="$scratch/out" "$bench" --bench "$1" \
-        --only --rounds 1 --calls "$2" >/dev/null 2>"$scratch/err"
+        --only --rounds 1 --calls "$2" ${WARM_PATH_ARGS:-} >/dev/null 2>"$scratch/err"
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$scratch/err"
 }
 echo "| pattern | no_layer (instructions per call) | static_header (added) | mutex_cache | rwlock_headers | ours | ours_with_retry |"
