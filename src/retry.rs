@@ -4,10 +4,12 @@
 
 use std::fmt;
 use std::future::Future;
+use std::mem;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use http::request::Parts;
 use http::{Method, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -148,33 +150,35 @@ where
         } else {
             (body.into_sent(), Replay::none())
         };
-        let request = Request::from_parts(parts, body);
-        let pending = replay.is_possible().then(|| {
-            let mut head = Request::new(());
-            *head.method_mut() = request.method().clone();
-            *head.uri_mut() = request.uri().clone();
-            *head.version_mut() = request.version();
-            *head.headers_mut() = request.headers().clone();
-            *head.extensions_mut() = request.extensions().clone();
-            Pending {
+        if !replay.is_possible() {
+            let future = self.inner.call(Request::from_parts(parts, body));
+            return ResponseFuture {
+                attempt: Attempt::Sent { future },
+                retry: Retry::Off,
+                done: false,
+            };
+        }
+        // The head is cloned, the first attempt sent, then the copy built in the returned
+        // future (in this order the compiler moves the least). The polled-ready service sends
+        // the first attempt; a clone is made ready for the replay.
+        let head = parts.clone();
+        let future = self.inner.call(Request::from_parts(parts, body));
+        ResponseFuture {
+            attempt: Attempt::Sent { future },
+            retry: Retry::Armed(Pending {
                 head,
                 replay,
                 service: self.inner.clone(),
                 cache: self.cache,
-            }
-        });
-        // The polled-ready service sends the first attempt; the clone is made ready for the
-        // replay, if there is one.
-        let future = self.inner.call(request);
-        ResponseFuture {
-            state: State::First { future, pending },
+            }),
+            done: false,
         }
     }
 }
 
 /// What a replay needs: the request head, the body copy, a service and the cache.
 struct Pending<S, B> {
-    head: Request<()>,
+    head: Parts,
     replay: Replay<B>,
     service: S,
     cache: CacheId,
@@ -186,38 +190,61 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
+        // Side by side, not one state enum holding the future, and marked done rather than
+        // emptied: the common case (the first attempt answered, not rejected) moves and drops
+        // nothing when it completes; what is left goes with this future.
         #[pin]
-        state: State<S, B>,
+        attempt: Attempt<S::Future, S::Response>,
+        retry: Retry<S, B>,
+        // The output was returned: polled again, the future stays pending.
+        done: bool,
     }
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<S, B>
-    where
-        S: Service<Request<B>>,
-    {
-        First {
+    /// The attempt in flight, or the rejection the replay is being prepared for.
+    #[project = AttemptProj]
+    enum Attempt<F, R> {
+        /// The first attempt, then the replay.
+        Sent {
             #[pin]
-            future: S::Future,
-            pending: Option<Pending<S, B>>,
+            future: F,
         },
-        WaitingForBody {
-            rejected: Option<S::Response>,
-            pending: Option<Pending<S, B>>,
-            // Made only when the body is not complete at once.
-            deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        /// The first attempt's rejection (its future dropped, with anything it held, a
+        /// concurrency permit say): returned as it is when the replay cannot be made.
+        Rejected {
+            response: Option<R>,
         },
-        ReadyToReplay {
-            request: Option<Request<B>>,
-            service: S,
-        },
-        Replaying {
-            #[pin]
-            future: S::Future,
-        },
-        Done,
+        /// The replay is being made, or the replay machinery returned the output.
+        Idle,
     }
+}
+
+/// Where a [`ResponseFuture`] stands, besides its [`Attempt`].
+enum Retry<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// The first attempt is out and can be replayed.
+    Armed(Pending<S, B>),
+    /// The first attempt is out and will not be replayed (a body over the cap, or a method
+    /// that `idempotent_only` leaves out).
+    Off,
+    /// The first attempt was rejected: waiting for its body to finish going out.
+    WaitingForBody {
+        pending: Option<Pending<S, B>>,
+        // Made only when the body is not complete at once.
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
+    /// The replay is built: waiting for the service to be ready.
+    ReadyToReplay {
+        request: Option<Request<B>>,
+        service: S,
+    },
+    /// The replay is out: its outcome is returned as it is.
+    Replaying,
+    /// The replay machinery returned the output.
+    Done,
 }
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
@@ -228,76 +255,139 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        loop {
-            match this.state.as_mut().project() {
-                StateProj::First { future, pending } => {
-                    let response = ready!(future.poll(cx))?;
-                    let rejected = response.extensions().get::<UsedTokenGeneration>().is_some();
-                    match pending.take() {
-                        Some(pending) if rejected => {
-                            this.state.set(State::WaitingForBody {
-                                rejected: Some(response),
-                                pending: Some(pending),
-                                deadline: None,
-                            });
-                        }
-                        _ => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(response));
-                        }
+        if *this.done {
+            return Poll::Pending;
+        }
+        // The hot path, kept small: an attempt in flight (most often the first) answered, and
+        // not a rejection to replay. The replay machinery is out of line, marked cold.
+        let AttemptProj::Sent { future } = this.attempt.as_mut().project() else {
+            let poll = poll_replay(this.attempt, this.retry, cx);
+            *this.done = poll.is_ready();
+            return poll;
+        };
+        let poll = future.poll(cx);
+        if let Poll::Ready(output) = &poll {
+            if let (Ok(response), Retry::Armed(_)) = (output, &*this.retry) {
+                if response.extensions().get::<UsedTokenGeneration>().is_some() {
+                    let poll = rejected(this.attempt, this.retry, poll, cx);
+                    *this.done = poll.is_ready();
+                    return poll;
+                }
+            }
+            // What is left (the completed future, the copy kept for a replay) is dropped with
+            // this future.
+            *this.done = true;
+        }
+        poll
+    }
+}
+
+/// The first attempt was rejected and can be replayed: drops its future and prepares the
+/// replay.
+#[cold]
+#[inline(never)]
+fn rejected<S, B, ResBody>(
+    mut attempt: Pin<&mut Attempt<S::Future, S::Response>>,
+    retry: &mut Retry<S, B>,
+    first: Poll<Result<Response<ResBody>, S::Error>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, S::Error>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    // Only an armed retry's rejection gets here; anything else is returned as it is.
+    let Retry::Armed(pending) = mem::replace(retry, Retry::Done) else {
+        attempt.set(Attempt::Idle);
+        return first;
+    };
+    let response = match first {
+        Poll::Ready(Ok(response)) => response,
+        other => {
+            attempt.set(Attempt::Idle);
+            return other;
+        }
+    };
+    attempt.set(Attempt::Rejected {
+        response: Some(response),
+    });
+    *retry = Retry::WaitingForBody {
+        pending: Some(pending),
+        deadline: None,
+    };
+    poll_replay(attempt, retry, cx)
+}
+
+/// After a rejection: waits for the first attempt's body (at most [`MAX_REPLAY_BODY_WAIT`]),
+/// then for the service, sends the replay and polls it.
+#[cold]
+#[inline(never)]
+fn poll_replay<S, B, ResBody>(
+    mut attempt: Pin<&mut Attempt<S::Future, S::Response>>,
+    retry: &mut Retry<S, B>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<ResBody>, S::Error>>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    loop {
+        if let AttemptProj::Sent { future } = attempt.as_mut().project() {
+            let output = ready!(future.poll(cx));
+            attempt.set(Attempt::Idle);
+            *retry = Retry::Done;
+            return Poll::Ready(output);
+        }
+        match retry {
+            Retry::WaitingForBody { pending, deadline } => {
+                let Some(waiting) = pending.as_mut() else {
+                    return Poll::Pending;
+                };
+                let body = match waiting.replay.poll_body(cx) {
+                    Poll::Ready(body) => body,
+                    Poll::Pending => {
+                        let deadline = deadline.get_or_insert_with(|| {
+                            Box::pin(tokio::time::sleep(MAX_REPLAY_BODY_WAIT))
+                        });
+                        ready!(deadline.as_mut().poll(cx));
+                        None
                     }
-                }
-                StateProj::WaitingForBody {
-                    rejected,
-                    pending,
-                    deadline,
-                } => {
-                    let Some(waiting) = pending.as_mut() else {
-                        return Poll::Pending;
+                };
+                let rejected = match attempt.as_mut().project() {
+                    AttemptProj::Rejected { response } => response.take(),
+                    _ => None,
+                };
+                // The rejected response is dropped before the replay goes out.
+                attempt.set(Attempt::Idle);
+                let (Some(body), Some(pending)) = (body, pending.take()) else {
+                    // Too large, failed, or still not sent: the rejection as it is.
+                    *retry = Retry::Done;
+                    return match rejected {
+                        Some(response) => Poll::Ready(Ok(response)),
+                        None => Poll::Pending,
                     };
-                    let body = match waiting.replay.poll_body(cx) {
-                        Poll::Ready(body) => body,
-                        Poll::Pending => {
-                            let deadline = deadline.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep(MAX_REPLAY_BODY_WAIT))
-                            });
-                            ready!(deadline.as_mut().poll(cx));
-                            None
-                        }
-                    };
-                    let (Some(body), Some(pending)) = (body, pending.take()) else {
-                        // Too large, failed, or still not sent: the rejection as it is.
-                        let response = rejected.take();
-                        this.state.set(State::Done);
-                        return match response {
-                            Some(response) => Poll::Ready(Ok(response)),
-                            None => Poll::Pending,
-                        };
-                    };
-                    // The rejected response is dropped before the replay goes out.
-                    drop(rejected.take());
-                    if let Some(cache) = pending.cache.cache() {
-                        cache.record_unauthorized_retry();
-                    }
-                    this.state.set(State::ReadyToReplay {
-                        request: Some(pending.head.map(|()| body)),
-                        service: pending.service,
-                    });
+                };
+                drop(rejected);
+                if let Some(cache) = pending.cache.cache() {
+                    cache.record_unauthorized_retry();
                 }
-                StateProj::ReadyToReplay { request, service } => {
-                    ready!(service.poll_ready(cx))?;
-                    let Some(request) = request.take() else {
-                        return Poll::Pending;
-                    };
-                    let future = service.call(request);
-                    this.state.set(State::Replaying { future });
+                *retry = Retry::ReadyToReplay {
+                    request: Some(Request::from_parts(pending.head, body)),
+                    service: pending.service,
+                };
+            }
+            Retry::ReadyToReplay { request, service } => {
+                if let Err(error) = ready!(service.poll_ready(cx)) {
+                    *retry = Retry::Done;
+                    return Poll::Ready(Err(error));
                 }
-                StateProj::Replaying { future } => {
-                    let result = ready!(future.poll(cx));
-                    this.state.set(State::Done);
-                    return Poll::Ready(result);
-                }
-                StateProj::Done => return Poll::Pending,
+                let Some(request) = request.take() else {
+                    return Poll::Pending;
+                };
+                let future = service.call(request);
+                attempt.set(Attempt::Sent { future });
+                *retry = Retry::Replaying;
+            }
+            Retry::Armed(_) | Retry::Off | Retry::Replaying | Retry::Done => {
+                return Poll::Pending;
             }
         }
     }
@@ -308,12 +398,13 @@ where
     S: Service<Request<B>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::First { .. } => "first attempt",
-            State::WaitingForBody { .. } => "waiting for the first body to go out",
-            State::ReadyToReplay { .. } => "waiting for the service to be ready",
-            State::Replaying { .. } => "replaying",
-            State::Done => "done",
+        let state = match &self.retry {
+            _ if self.done => "done",
+            Retry::Armed(_) | Retry::Off => "first attempt",
+            Retry::WaitingForBody { .. } => "waiting for the first body to go out",
+            Retry::ReadyToReplay { .. } => "waiting for the service to be ready",
+            Retry::Replaying => "replaying",
+            Retry::Done => "done",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -192,6 +192,56 @@ async fn a_replayed_request_keeps_its_method_and_body() {
     assert_eq!(json["body_bytes"], 9);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_401_is_replayed_below_a_concurrency_limit_of_one() {
+    // The first attempt's future, and the permit it holds, are gone before the replay waits
+    // for the service to be ready: else the replay would wait for itself.
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let api = ServiceBuilder::new()
+        .layer(layer.clone().with_retry())
+        .concurrency_limit(1)
+        .service(http_client());
+    let url = server.api_url("/v1/ping");
+    assert_eq!(
+        api.clone().oneshot(get(&url)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    age_and_revoke_tokens(&server).await;
+    let response = tokio::time::timeout(Duration::from_secs(60), api.oneshot(get(&url)))
+        .await
+        .expect("the replay must not wait for the first attempt's permit")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(layer.token_cache().unauthorized_retries(), 1);
+}
+
+#[tokio::test]
+async fn the_retry_future_polled_again_after_its_output_stays_pending() {
+    use tower::Service;
+    let server = server(Duration::from_secs(3600)).await;
+    let layer = layer(&server);
+    let mut api = api(&layer);
+    let url = server.api_url("/v1/ping");
+    ServiceExt::<http::Request<Full<Bytes>>>::ready(&mut api)
+        .await
+        .unwrap();
+    let mut future = tokio_test::task::spawn(api.call(get(&url)));
+    let response = std::future::poll_fn(|cx| {
+        // Each wake-up polls the future again through the task, as an executor would.
+        let poll = future.poll();
+        if poll.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        poll
+    })
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio_test::assert_pending!(future.poll());
+    assert!(format!("{future:?}").contains("done"), "{future:?}");
+}
+
 type Streaming = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body of `chunks` frames of `chunk_len` bytes each, with no size known in advance (a
