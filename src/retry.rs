@@ -80,6 +80,12 @@ impl<S> Layer<S> for RetryOnUnauthorizedLayer {
 /// before the body finished going out, the replay waits for it (at most
 /// [`MAX_REPLAY_BODY_WAIT`]).
 ///
+/// **Per request**, when a replay is possible: a clone of the request head (method, URI,
+/// version, headers, extensions: the header map and the extensions allocate when they hold
+/// anything) and one of the inner service, both kept by the response future until it is
+/// dropped. The first attempt's future is dropped before a replay waits for the service to be
+/// ready, so a concurrency limit below does not hold the replay up.
+///
 /// Errors: the inner service's, unchanged.
 pub struct RetryOnUnauthorized<S> {
     inner: S,
@@ -142,6 +148,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let wanted = !self.idempotent_only || is_idempotent(&parts.method);
@@ -253,6 +260,7 @@ where
 {
     type Output = Result<Response<ResBody>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if *this.done {
