@@ -234,3 +234,63 @@ where
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderValue, Response, StatusCode};
+
+    use super::answered;
+    use crate::cache::TokenCache;
+    use crate::config::OAuth2Config;
+    use crate::service::UsedTokenGeneration;
+    use crate::token::TokenFetcher;
+    use crate::ClientCredentials;
+
+    /// Whether `response` comes out of `answered` tagged for a replay (the cache holds no token
+    /// of generation 1, so any rejection of it may be replayed).
+    fn tagged(response: Response<()>) -> bool {
+        let config = OAuth2Config::builder(ClientCredentials::new("id", "secret"))
+            .build()
+            .unwrap();
+        let cache = TokenCache::new(TokenFetcher::with_default_transport(&config).unwrap());
+        let answered = answered(response, 1, cache.id());
+        assert_eq!(answered.body().token_generation(), 1);
+        answered.extensions().get::<UsedTokenGeneration>() == Some(&UsedTokenGeneration(1))
+    }
+
+    fn response(status: StatusCode, headers: &[(&'static str, &'static str)]) -> Response<()> {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        for (name, value) in headers {
+            response
+                .headers_mut()
+                .insert(*name, HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    #[tokio::test]
+    async fn token_rejections_are_tagged_with_or_without_headers() {
+        assert!(tagged(response(StatusCode::UNAUTHORIZED, &[])), "bare 401");
+        assert!(tagged(response(
+            StatusCode::UNAUTHORIZED,
+            &[("www-authenticate", "Bearer error=\"invalid_token\"")]
+        )));
+        assert!(tagged(response(StatusCode::OK, &[("grpc-status", "16")])));
+        assert!(tagged(response(
+            StatusCode::OK,
+            &[("content-type", "application/grpc"), ("grpc-status", "16")]
+        )));
+    }
+
+    #[tokio::test]
+    async fn other_responses_are_not_tagged() {
+        assert!(!tagged(response(StatusCode::OK, &[])));
+        assert!(!tagged(response(StatusCode::FORBIDDEN, &[])));
+        assert!(!tagged(response(StatusCode::OK, &[("grpc-status", "7")])));
+        assert!(!tagged(response(
+            StatusCode::UNAUTHORIZED,
+            &[("www-authenticate", "Bearer error=\"insufficient_scope\"")]
+        )));
+    }
+}

@@ -63,6 +63,8 @@ pub struct OAuth2Service<S> {
     local: Option<LocalToken>,
     /// Whether this instance already served a request from the published token (see `call`).
     calls_from_published: bool,
+    /// Requests this instance sent down the cold path (see `cold_path_calls_for_test`).
+    cold_path_calls: u64,
     allow_insecure_http: bool,
 }
 
@@ -80,6 +82,7 @@ impl<S> OAuth2Service<S> {
             cache,
             local: None,
             calls_from_published: false,
+            cold_path_calls: 0,
             allow_insecure_http,
         }
     }
@@ -97,6 +100,14 @@ impl<S> OAuth2Service<S> {
     /// The wrapped service, unwrapped.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+
+    /// How many requests this instance sent down the cold path (everything but a fresh token
+    /// for an allowed origin as written), so tests can show which requests take the warm one.
+    /// Test support, not part of the API.
+    #[doc(hidden)]
+    pub fn cold_path_calls_for_test(&self) -> u64 {
+        self.cold_path_calls
     }
 
     /// The token cache this service shares with its layer and every clone.
@@ -176,6 +187,7 @@ impl<S> OAuth2Service<S> {
     where
         S: Service<Request<B>> + Clone,
     {
+        self.cold_path_calls = self.cold_path_calls.wrapping_add(1);
         // A URI without a scheme (tonic's `/package.Service/Method`) leaves the connection's
         // security to the transport below, which chose it; an explicit `http` is refused.
         if !self.allow_insecure_http && request.uri().scheme() == Some(&Scheme::HTTP) {
@@ -257,6 +269,7 @@ impl<S: Clone> Clone for OAuth2Service<S> {
             // no reference count of the header value.
             local: None,
             calls_from_published: false,
+            cold_path_calls: 0,
             allow_insecure_http: self.allow_insecure_http,
         }
     }

@@ -260,3 +260,79 @@ fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock
         assert_eq!(server.token_requests(), 2);
     });
 }
+
+/// `ready` + `call` of a request for `uri`; the `Authorization` header the inner service got.
+async fn send_to<S>(service: &mut S, uri: &str) -> Result<Option<HeaderValue>, BoxError>
+where
+    S: Service<Request<()>, Response = Response<nuvy_oauth2::ResponseBody<Option<HeaderValue>>>>,
+    S::Error: Into<BoxError>,
+{
+    let service = service.ready().await.map_err(Into::into)?;
+    let request = Request::get(uri).body(()).unwrap();
+    let response = service.call(request).await.map_err(Into::into)?;
+    Ok(response.into_body().into_inner())
+}
+
+#[tokio::test]
+async fn a_fresh_token_for_an_allowed_origin_as_written_takes_the_warm_path() {
+    let server = common::server(Duration::from_secs(3600)).await;
+    let layer = echo_layer(&server);
+    let api = "https://prd.api.nuvy.ai/v1/ping";
+    let mut reused = layer.layer(Echo);
+    assert!(send_to(&mut reused, api).await.unwrap().is_some());
+    assert_eq!(reused.cold_path_calls_for_test(), 1, "no token yet: cold");
+    for _ in 0..3 {
+        assert!(send_to(&mut reused, api).await.unwrap().is_some());
+    }
+    assert_eq!(reused.cold_path_calls_for_test(), 1, "its own copy: warm");
+    // A service that was never called: the published token, then its own copy.
+    let mut fresh = layer.layer(Echo);
+    for _ in 0..3 {
+        assert!(send_to(&mut fresh, api).await.unwrap().is_some());
+    }
+    assert_eq!(fresh.cold_path_calls_for_test(), 0, "published token: warm");
+    // The token endpoint's own origin over plain http, allowed on this loopback setup.
+    let loopback = server.token_endpoint();
+    assert!(send_to(&mut fresh, &loopback).await.unwrap().is_some());
+    assert_eq!(
+        fresh.cold_path_calls_for_test(),
+        0,
+        "allowed http origin: warm"
+    );
+    // The allowed origin spelled otherwise: the full check accepts it on the cold path.
+    let upper = "https://PRD.API.NUVY.AI:443/v1/ping";
+    assert!(send_to(&mut fresh, upper).await.unwrap().is_some());
+    assert_eq!(fresh.cold_path_calls_for_test(), 1);
+    // Another origin: refused, before the inner service sees it.
+    let error = send_to(&mut fresh, "https://evil.example/v1/ping")
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        common::crate_error(&error).kind(),
+        nuvy_oauth2::ErrorKind::OriginNotAllowed { .. }
+    ));
+    assert_eq!(fresh.cold_path_calls_for_test(), 2);
+    assert_eq!(server.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn an_http_api_request_is_refused_without_allow_insecure_http() {
+    let config =
+        nuvy_oauth2::OAuth2Config::builder(nuvy_oauth2::ClientCredentials::new("id", "secret"))
+            .token_endpoint("https://prd.api.nuvy.ai/oauth2/token")
+            .build()
+            .unwrap();
+    let layer = nuvy_oauth2::OAuth2Layer::new(config).unwrap();
+    let mut service = layer.layer(Echo);
+    // Refused before any token is fetched (none could be: the endpoint is unreachable here).
+    let error = send_to(&mut service, "http://prd.api.nuvy.ai/v1/ping")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        common::crate_error(&error).kind(),
+        &nuvy_oauth2::ErrorKind::InsecureScheme {
+            target: "API request"
+        }
+    );
+    assert_eq!(layer.token_cache().token_requests(), 0);
+}

@@ -203,6 +203,8 @@ impl Published {
         };
         let phase = phase_at(Instant::now(), token);
         let driven = phase == FRESH && runtime.runtime_flavor() == RuntimeFlavor::MultiThread;
+        // `pack` leaves the DRIVEN bit zero, so `^` here would give the same word (an
+        // equivalent mutant).
         let word = pack(generation, phase) | if driven { DRIVEN } else { 0 };
         self.word.0.store(word, Ordering::Release);
         if phase != STALE {
