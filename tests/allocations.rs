@@ -1,7 +1,8 @@
 //! Allocation check (deterministic): with a warm token, one call through our service (and through
 //! `with_retry()`) allocates no more than one call through tower-http's static-header layer, in
 //! every usage pattern: reused, a clone per request, `oneshot` on a clone of a never-called
-//! service, `BoxCloneService`, `Buffer`.
+//! service, `BoxCloneService`, `Buffer`; for a request with headers, `with_retry()` allocates
+//! the copy of its header map for a possible replay on top (see `REPLAY_COPY_ALLOCATIONS`).
 //!
 //! Alone in its binary: the counting allocator is global to the process.
 
@@ -24,6 +25,8 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_http::set_header::SetRequestHeaderLayer;
 
 thread_local! {
+    /// Whether `request()` adds the headers a real request carries.
+    static WITH_HEADERS: Cell<bool> = const { Cell::new(false) };
     static COUNTING: Cell<bool> = const { Cell::new(false) };
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
 }
@@ -77,6 +80,12 @@ impl Service<Request<()>> for Trivial {
 fn request() -> Request<()> {
     let mut request = Request::new(());
     *request.uri_mut() = http::Uri::from_static("https://prd.api.nuvy.ai/v1/ping");
+    if WITH_HEADERS.with(Cell::get) {
+        let headers = request.headers_mut();
+        headers.insert("accept", HeaderValue::from_static("application/json"));
+        headers.insert("user-agent", HeaderValue::from_static("nuvy-client/1.0"));
+        headers.insert("x-request-id", HeaderValue::from_static("4f0c2b1e"));
+    }
     request
 }
 
@@ -119,6 +128,22 @@ fn allocations_per_call(mut send: impl FnMut(Request<()>), calls: usize) -> f64 
 
 #[test]
 fn a_warm_call_allocates_no_more_than_the_static_header_layer_in_every_pattern() {
+    every_pattern_against_the_static_header(false);
+}
+
+/// With headers, `with_retry()` also copies them for a possible replay (tower's `Retry` does
+/// the same): the header map's two buffers, plus one for each header name or value whose bytes
+/// are shared for the first time (`bytes` promotes a buffer to a reference-counted one on its
+/// first clone): here `x-request-id`, a custom name. Everything else as above.
+const REPLAY_COPY_ALLOCATIONS: f64 = 3.0;
+
+#[test]
+fn with_headers_only_the_replay_copy_of_with_retry_allocates_more() {
+    every_pattern_against_the_static_header(true);
+}
+
+fn every_pattern_against_the_static_header(with_headers: bool) {
+    WITH_HEADERS.with(|h| h.set(with_headers));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,10 +217,18 @@ fn a_warm_call_allocates_no_more_than_the_static_header_layer_in_every_pattern()
             measured[names.len() + index],
             measured[2 * names.len() + index],
         ] {
-            println!("{pattern}: {variant} {per_call} allocations per warm call, static header {baseline}");
+            println!(
+                "{pattern} (headers: {with_headers}): {variant} {per_call} allocations per \
+                 warm call, static header {baseline}"
+            );
+            let allowance = if with_headers && variant == "ours with_retry" {
+                REPLAY_COPY_ALLOCATIONS
+            } else {
+                0.0
+            };
             assert!(
-                per_call <= baseline,
-                "{pattern}: {variant} {per_call} > static header {baseline}"
+                per_call <= baseline + allowance,
+                "{pattern}: {variant} {per_call} > static header {baseline} + {allowance}"
             );
         }
     }
