@@ -110,13 +110,16 @@ impl AllowedOrigins {
 
     /// The warm path's check: whether `uri` is absolute `https` (or `http` when
     /// `allow_http`) and its authority, as written, is one of the precomputed forms of an
-    /// allowed origin. One scheme comparison and a short text compare; `false` sends the
-    /// request to [`check`](Self::check) and the scheme check, which decide (userinfo, another
-    /// case, an IPv6 spelling, a relative URI: accepted or refused there).
+    /// allowed origin, or has neither scheme nor authority (tonic's `/package.Service/Method`,
+    /// accepted by [`check`](Self::check) too). One scheme comparison and a short text compare;
+    /// `false` sends the request to [`check`](Self::check) and the scheme check, which decide
+    /// (userinfo, another case, an IPv6 spelling: accepted or refused there).
     #[inline]
     pub(crate) fn admits_as_written(&self, uri: &Uri, allow_http: bool) -> bool {
-        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return false;
+        let (scheme, authority) = match (uri.scheme(), uri.authority()) {
+            (Some(scheme), Some(authority)) => (scheme, authority),
+            (None, None) => return true,
+            _ => return false,
         };
         // `as_str` is inlined where `Scheme`'s `==` is a call; `http` spells the standard
         // schemes in lowercase (another spelling goes to the full check).

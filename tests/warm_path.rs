@@ -299,6 +299,13 @@ async fn a_fresh_token_for_an_allowed_origin_as_written_takes_the_warm_path() {
         0,
         "allowed http origin: warm"
     );
+    // A URI with neither scheme nor authority (tonic's): the transport below chose where it
+    // connects.
+    assert!(send_to(&mut fresh, "/nuvy.v1.Api/Ping")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(fresh.cold_path_calls_for_test(), 0, "relative URI: warm");
     // The allowed origin spelled otherwise: the full check accepts it on the cold path.
     let upper = "https://PRD.API.NUVY.AI:443/v1/ping";
     assert!(send_to(&mut fresh, upper).await.unwrap().is_some());
