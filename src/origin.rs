@@ -124,6 +124,9 @@ impl AllowedOrigins {
         // `as_str` is inlined where `Scheme`'s `==` is a call; `http` spells the standard
         // schemes in lowercase (another spelling goes to the full check).
         let https = scheme.as_str() == "https";
+        // (`allow_http` is all but redundant here: an `http` origin is only ever in the set when
+        // the configuration allows http, which sets `allow_http`; a mutant of the `&&` below
+        // survives for that reason.)
         if !(https || (allow_http && scheme.as_str() == "http")) {
             return false;
         }

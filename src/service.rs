@@ -216,7 +216,9 @@ impl<S> OAuth2Service<S> {
             } else {
                 // No copy yet (a clone of a service that was never called: `oneshot` on
                 // `api.clone()`, Buffer, BoxCloneService) or an old one: the published token,
-                // lock-free.
+                // lock-free. (Without this, `lookup` below would hand out the same token under
+                // the lock: the generation test is about speed, which is why a mutant of it
+                // passes every test.)
                 let published = self.cache.published_token();
                 if let Some(token) = published.as_deref().filter(|token| {
                     token.generation == generation && token.usable(phase, &self.cache)
