@@ -22,16 +22,12 @@ use crate::future::ResponseFuture;
 ///   request, `oneshot` on a clone of a service that was never called, `Buffer`,
 ///   `BoxCloneService`): one atomic load of the token's generation and phase (or one more
 ///   lock-free `ArcSwap` load when this instance holds no copy of the token yet), the origin
-///   check, the header insert; no lock, no allocation beyond the header insert, and the inner
-///   service is called at once. No full clock read: two Tokio timers per token mark its
-///   refresh-ahead and refresh points. On a multi-thread runtime (the one the token was
-///   fetched on), whose workers keep driving them, that is all; otherwise a coarse clock read
-///   (about 3 ns) backs them up. A token is served at most one coarse clock tick (Linux
-///   1-10 ms, Windows about 16 ms) past its refresh point, which comes the refresh margin (at
-///   least 10 % of the lifetime) before its expiry: never past expiry. (On a multi-thread
-///   runtime, the coarse clock takes over at the refresh-ahead point, about 15 % of the
-///   lifetime before the refresh point: only a timer that late, with every worker blocked,
-///   could let a token through past it.)
+///   check, a coarse clock read (about 3 ns; no full clock read: two Tokio timers per token
+///   mark its refresh-ahead and refresh points), the header insert; no lock, no allocation
+///   beyond the header insert, and the inner service is called at once. A token is served at
+///   most one coarse clock tick (Linux 1-10 ms, Windows about 16 ms) past its refresh point,
+///   which comes the refresh margin (at least 10 % of the lifetime) before its expiry: never
+///   past expiry.
 /// - **Cold path** (no token, or inside its refresh margin): the request waits for the single
 ///   shared refresh, then goes to the inner service that was polled ready.
 /// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it

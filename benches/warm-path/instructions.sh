@@ -5,7 +5,7 @@
 # embedded server, the first token request) cancels out.
 #
 #   benches/warm-path/instructions.sh [pattern ...]     (default: the single-threaded patterns)
-#   WARM_PATH_ARGS=--current-thread-token benches/warm-path/instructions.sh ...
+#   WARM_PATH_ARGS="..." passes more arguments to the bench.
 #
 # Needs valgrind. Prints a Markdown table: per pattern, the instructions per call of the inner
 # service alone (`no_layer`: building, sending and dropping a request and its response), then

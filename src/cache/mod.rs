@@ -2,9 +2,8 @@
 //!
 //! - **Read path** ([`snapshot`]): a valid token is used with one atomic load (generation and
 //!   phase; the service's own copy) or one more lock-free `ArcSwap` load (a service that holds
-//!   no copy yet), and no full clock read: per-generation phase timers mark the refresh-ahead
-//!   and refresh points, backed by a coarse clock read (about 3 ns) unless they run on a
-//!   multi-thread runtime. No lock, no allocation. Every
+//!   no copy yet), and a coarse clock read (about 3 ns) instead of a full one: per-generation
+//!   phase timers mark the refresh-ahead and refresh points. No lock, no allocation. Every
 //!   change of the current token goes through one place, `TokenCache::set_current`, which
 //!   publishes it (`TokenCache::publish`).
 //! - **Single flight** ([`refresh`]): a small state machine (`Idle`, `InFlight`, `BackingOff`,
@@ -68,7 +67,7 @@ impl Rejection {
     }
 }
 
-use snapshot::{coarse_deadline, coarse_now, is_driven, Published, AHEAD, CLOCK, NO_TOKEN};
+use snapshot::{coarse_deadline, coarse_now, Published, AHEAD, CLOCK, NO_TOKEN};
 pub(crate) use snapshot::{generation_of, phase_of, FRESH, STALE};
 
 /// A service's own copy of the current token: what the warm path reads.
@@ -105,13 +104,12 @@ impl LocalToken {
     }
 
     /// Whether this token, the one the published `word` names, is before its refresh-ahead
-    /// point: all the warm path needs to send it. Its phase timer says so ([`FRESH`]); if that
-    /// timer's runtime is a multi-thread one, whose workers keep driving it, that is all
-    /// (no clock read); otherwise the coarse clock, the backstop for a runtime that may not
-    /// be driven, must agree (about 3 ns). See [`snapshot`].
+    /// point: all the warm path needs to send it. Its phase timer says so ([`FRESH`]) and the
+    /// coarse clock, the backstop for a timer whose runtime is not being driven, agrees (about
+    /// 3 ns). See [`snapshot`].
     #[inline]
     pub(crate) fn is_fresh(&self, word: u64) -> bool {
-        phase_of(word) == FRESH && (is_driven(word) || coarse_now() < self.coarse_refresh_ahead_at)
+        phase_of(word) == FRESH && coarse_now() < self.coarse_refresh_ahead_at
     }
 
     /// Whether the warm path may use this token, the published one, in `phase` (of the word it
@@ -760,7 +758,7 @@ mod tests {
     }
 
     #[test]
-    fn the_warm_path_skips_the_coarse_clock_only_for_a_timer_on_a_multi_thread_runtime() {
+    fn the_warm_path_needs_a_fresh_phase_and_the_coarse_clock_to_agree() {
         let now = Instant::now();
         let mut token = LocalToken::new(
             1,
@@ -769,16 +767,15 @@ mod tests {
             now + Duration::from_secs(3000),
         );
         let fresh = snapshot::pack(1, snapshot::FRESH);
-        let driven = fresh | snapshot::DRIVEN;
         assert!(token.is_fresh(fresh));
-        assert!(token.is_fresh(driven));
         assert!(!token.is_fresh(snapshot::pack(1, AHEAD)));
         assert!(!token.is_fresh(snapshot::pack(1, CLOCK)));
         assert!(!token.is_fresh(snapshot::pack(1, snapshot::STALE)));
-        // The refresh-ahead point passed on the coarse clock: only a driven timer is trusted.
+        // The refresh-ahead point passed on the coarse clock, and no timer said so (its
+        // runtime was not driven: a current-thread one left alone, or a multi-thread one shut
+        // down while a worker was blocked, which never wakes its timers).
         token.coarse_refresh_ahead_at = coarse_now();
         assert!(!token.is_fresh(fresh));
-        assert!(token.is_fresh(driven));
     }
 
     /// A cache whose token endpoint is an in-process transport: the first request gets a token

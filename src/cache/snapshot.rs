@@ -33,15 +33,6 @@
 //!   from time to time with `block_on` would otherwise see a "fresh" phase long after the
 //!   refresh point. Under `tokio::time::pause()` real time barely moves, so the backstop stays
 //!   silent there and the timer alone follows the paused clock.
-//! - **No clock at all on a multi-thread runtime before the refresh-ahead point.** When the
-//!   timers run on a multi-thread runtime, a fresh phase carries a `DRIVEN` bit, and the warm
-//!   path reads no clock: Tokio's workers process timers whenever one parks and at least every
-//!   61 task polls (its `event_interval`), so such a timer is late by about Tokio's 1 ms
-//!   resolution unless every worker is blocked (which Tokio documents as a bug). From the
-//!   refresh-ahead point on (any later phase clears the bit) the coarse clock is checked
-//!   again, so only a timer late by the whole stretch from the refresh-ahead to the refresh
-//!   point (about 15 % of the lifetime) could let a token through past its refresh point.
-//!   What that saves is measured in BENCHMARKS.md ("The clock").
 //! - If no timer can run (no runtime at publish time, or its runtime shut down: the driver
 //!   wakes its timers then, before their deadlines), the phase says "read the clock" and the
 //!   warm path reads Tokio's clock as it did before.
@@ -60,7 +51,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Wake, Waker};
 
 use arc_swap::{ArcSwapOption, Guard};
-use tokio::runtime::RuntimeFlavor;
 use tokio::time::{Instant, Sleep};
 
 use super::LocalToken;
@@ -76,16 +66,13 @@ pub(crate) const AHEAD: u64 = 1;
 pub(crate) const STALE: u64 = 2;
 /// No phase timer runs for it: the warm path reads Tokio's clock.
 pub(crate) const CLOCK: u64 = 3;
-const PHASE_MASK: u64 = 0b11;
-/// Set with [`FRESH`] when the phase timers run on a multi-thread runtime, whose workers keep
-/// driving them: the warm path then needs no clock read at all. Cleared by any later phase.
-pub(super) const DRIVEN: u64 = 0b100;
-const GENERATION_SHIFT: u32 = 3;
+const PHASE_BITS: u32 = 2;
+const PHASE_MASK: u64 = (1 << PHASE_BITS) - 1;
 
 /// A generation and phase packed into one word.
 #[inline]
 pub(crate) fn generation_of(word: u64) -> u64 {
-    word >> GENERATION_SHIFT
+    word >> PHASE_BITS
 }
 
 /// The phase of a packed word.
@@ -94,17 +81,10 @@ pub(crate) fn phase_of(word: u64) -> u64 {
     word & PHASE_MASK
 }
 
-/// Whether the phase timers of the word's token run on a multi-thread runtime (so that a
-/// [`FRESH`] phase needs no clock backstop).
-#[inline]
-pub(crate) fn is_driven(word: u64) -> bool {
-    word & DRIVEN != 0
-}
-
 pub(super) fn pack(generation: u64, phase: u64) -> u64 {
-    // The phase (and the DRIVEN bit) fit in the low bits that the shift leaves zero, so `^`
-    // here would give the same word: an equivalent mutant.
-    (generation << GENERATION_SHIFT) | phase
+    // The phase fits in the low PHASE_BITS that the shift leaves zero, so `^` here would give
+    // the same word: an equivalent mutant.
+    (generation << PHASE_BITS) | phase
 }
 
 /// The phase of a token with these deadlines at `now`.
@@ -195,18 +175,16 @@ impl Published {
         };
         self.token.store(Some(Arc::new(token.clone())));
         let generation = token.generation;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             self.word
                 .0
                 .store(pack(generation, CLOCK), Ordering::Release);
             return;
-        };
+        }
         let phase = phase_at(Instant::now(), token);
-        let driven = phase == FRESH && runtime.runtime_flavor() == RuntimeFlavor::MultiThread;
-        // `pack` leaves the DRIVEN bit zero, so `^` here would give the same word (an
-        // equivalent mutant).
-        let word = pack(generation, phase) | if driven { DRIVEN } else { 0 };
-        self.word.0.store(word, Ordering::Release);
+        self.word
+            .0
+            .store(pack(generation, phase), Ordering::Release);
         if phase != STALE {
             *timers = Some([
                 self.arm(generation, AHEAD, token.refresh_ahead_at),
@@ -218,15 +196,23 @@ impl Published {
     /// A timer that sets `phase` for `generation` at `deadline`.
     fn arm(&self, generation: u64, phase: u64, deadline: Instant) -> Pin<Box<Sleep>> {
         let mut sleep = Box::pin(tokio::time::sleep_until(deadline));
-        let waker = Waker::from(Arc::new(PhaseWaker {
+        let phase_waker = Arc::new(PhaseWaker {
             word: Arc::clone(&self.word),
             generation,
             phase,
             deadline,
-        }));
-        // Registers it with the timer driver; if the deadline has passed, the phase computed
-        // by the caller already says so.
-        let _ = sleep.as_mut().poll(&mut Context::from_waker(&waker));
+        });
+        let waker = Waker::from(Arc::clone(&phase_waker));
+        // Registers it with the timer driver. A deadline that passed since the caller computed
+        // the phase comes back ready: the driver fires such an entry as it registers it, before
+        // the waker is stored, so the waker would never run. Set the phase here instead.
+        if sleep
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            phase_waker.wake_by_ref();
+        }
         sleep
     }
 }
@@ -318,26 +304,14 @@ mod tests {
         assert_eq!(published.word(), pack(7, STALE));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn on_a_multi_thread_runtime_the_fresh_phase_is_driven_until_its_timer_fires() {
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_armed_after_its_deadline_sets_its_phase_at_once() {
         let published = Published::new();
         let now = Instant::now();
-        let ahead = now + Duration::from_millis(20);
-        published.store(Some(&token(7, ahead, now + Duration::from_secs(600))));
-        assert_eq!(published.word(), pack(7, FRESH) | DRIVEN);
-        assert!(is_driven(published.word()));
-        // The workers drive the timer (real time here: a multi-thread runtime cannot pause):
-        // wait for it, with a deadline far beyond any scheduling delay.
-        let deadline = now + Duration::from_secs(30);
-        while published.word() != pack(7, AHEAD) {
-            assert!(Instant::now() < deadline, "{:#b}", published.word());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(!is_driven(published.word()), "a later phase clears the bit");
-        // A token published past its refresh-ahead point is not marked driven.
-        let past = Instant::now() - Duration::from_millis(1);
-        published.store(Some(&token(8, past, now + Duration::from_secs(600))));
-        assert_eq!(published.word(), pack(8, AHEAD));
+        published.word.0.store(pack(9, FRESH), Ordering::Release);
+        // The refresh-ahead point passed between computing the phase and arming the timer.
+        let _timer = published.arm(9, AHEAD, now - Duration::from_millis(5));
+        assert_eq!(published.word(), pack(9, AHEAD));
     }
 
     #[test]

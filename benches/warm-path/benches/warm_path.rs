@@ -30,8 +30,7 @@
 //! `pattern/variant` (a trailing `$` anchors it at the end), `--rounds N` (default 31),
 //! `--calls N` per measurement (default 4000), `--only` (the matching cases without the
 //! static-header baseline: for counting instructions per call, see
-//! `benches/warm-path/instructions.sh`), `--current-thread-token` (the token fetched on a
-//! current-thread runtime rather than the multi-thread one, see `main`).
+//! `benches/warm-path/instructions.sh`).
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -442,8 +441,6 @@ struct Options {
     /// `--only`: the matching cases without the baseline (for counting instructions per call
     /// under `valgrind --tool=callgrind`, see BENCHMARKS.md).
     only: bool,
-    /// `--current-thread-token`: the token fetched on the current-thread runtime (see `main`).
-    current_thread_token: bool,
     rounds: usize,
     calls: u64,
 }
@@ -452,7 +449,6 @@ fn options() -> Options {
     let mut options = Options {
         filter: None,
         only: false,
-        current_thread_token: false,
         rounds: 31,
         calls: 4_000,
     };
@@ -462,7 +458,6 @@ fn options() -> Options {
             "--rounds" => options.rounds = args.next().and_then(|n| n.parse().ok()).unwrap(),
             "--calls" => options.calls = args.next().and_then(|n| n.parse().ok()).unwrap(),
             "--only" => options.only = true,
-            "--current-thread-token" => options.current_thread_token = true,
             // Passed by cargo bench / cargo test.
             "--bench" | "--test" | "--nocapture" => {}
             other if other.starts_with("--") => {}
@@ -560,13 +555,8 @@ fn main() {
             .unwrap(),
     );
     // The token is fetched, and its phase timers run, on the multi-thread runtime, as in an
-    // application under `#[tokio::main]`; `--current-thread-token` fetches it on the
-    // current-thread runtime instead, whose timers the warm path backs with a coarse clock read.
-    let setup = if options.current_thread_token {
-        single.block_on(Setup::warm())
-    } else {
-        multi.block_on(Setup::warm())
-    };
+    // application under `#[tokio::main]`.
+    let setup = multi.block_on(Setup::warm());
     let context = single.enter();
     let mut patterns = single_thread_patterns(&setup, &single);
     drop(context);
