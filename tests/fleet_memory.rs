@@ -9,7 +9,6 @@ use common::*;
 use http::StatusCode;
 use nuvy_oauth2::store::MemoryTokenStore;
 use nuvy_oauth2::OAuth2Layer;
-use tokio::task::JoinSet;
 
 /// `count` layers built independently (as `count` processes would be), sharing `store`.
 fn fleet(server: &NuvyServer, store: &MemoryTokenStore, count: usize) -> Vec<OAuth2Layer> {
@@ -25,16 +24,7 @@ async fn fifty_layers_with_a_hundred_cold_calls_each_make_one_token_request() {
     server.delay_next_token_requests(1, Duration::from_millis(100));
     let store = MemoryTokenStore::new();
     let layers = fleet(&server, &store, 50);
-    let mut calls = JoinSet::new();
-    for layer in &layers {
-        let api = api(layer);
-        for _ in 0..100 {
-            calls.spawn(status_of(api.clone(), get(&server.api_url("/v1/ping"))));
-        }
-    }
-    while let Some(result) = calls.join_next().await {
-        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
-    }
+    ping_all_at_once(&server, &layers, 100).await;
     assert_eq!(server.token_requests(), 1);
     let sent: u64 = layers
         .iter()

@@ -110,16 +110,7 @@ async fn fifty_layers_sharing_redis_with_a_hundred_cold_calls_each_make_one_toke
     let server = server(Duration::from_secs(3600)).await;
     server.delay_next_token_requests(1, Duration::from_millis(100));
     let layers = fleet(&server, &redis, 50);
-    let mut calls = JoinSet::new();
-    for layer in &layers {
-        let api = api(layer);
-        for _ in 0..100 {
-            calls.spawn(status_of(api.clone(), get(&server.api_url("/v1/ping"))));
-        }
-    }
-    while let Some(result) = calls.join_next().await {
-        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
-    }
+    ping_all_at_once(&server, &layers, 100).await;
     assert_eq!(server.token_requests(), 1);
     assert_eq!(requests_sent(&layers), 1);
 }
@@ -130,13 +121,7 @@ async fn steady_traffic(server: &NuvyServer, layers: &[OAuth2Layer], duration: D
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while tokio::time::Instant::now() < end {
         tick.tick().await;
-        let mut calls = JoinSet::new();
-        for layer in layers {
-            calls.spawn(status_of(api(layer), get(&server.api_url("/v1/ping"))));
-        }
-        while let Some(result) = calls.join_next().await {
-            assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
-        }
+        ping_all_at_once(server, layers, 1).await;
     }
 }
 
@@ -185,13 +170,7 @@ async fn over_three_refresh_intervals_a_fleet_on_redis_requests_three_tokens_as_
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while tokio::time::Instant::now() < end {
         tick.tick().await;
-        let mut calls = JoinSet::new();
-        for layer in &everyone {
-            calls.spawn(status_of(api(layer), get(&server.api_url("/v1/ping"))));
-        }
-        while let Some(result) = calls.join_next().await {
-            assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
-        }
+        ping_all_at_once(&server, &everyone, 1).await;
         let sent = requests_sent(&layers);
         if seen.last().is_none_or(|&(_, last)| last < sent) {
             seen.push((started.elapsed().as_millis(), sent));
@@ -544,35 +523,10 @@ async fn lock_of_a_dead_process(
         .unwrap();
 }
 
-/// A waiter never sleeps past the holder's lock expiry, whatever its poll interval: ten
-/// minutes here, against a 2 s token request timeout and a dead holder's lock of 200 ms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiter_with_a_long_poll_interval_tries_itself_once_a_dead_holders_lock_expired() {
-    let redis = RedisServer::start();
-    let mut inspector = inspect(&redis).await;
-    let server = server(Duration::from_secs(3600)).await;
-    let config = config_builder(&server)
-        .token_request_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let store = RedisTokenStore::builder(redis.url())
-        .sealing_key(sealing_key())
-        .operation_timeout(Duration::from_secs(1))
-        .poll_interval(Duration::from_secs(600))
-        .build()
-        .unwrap();
-    lock_of_a_dead_process(&mut inspector, &config, 200).await;
-    let layer = OAuth2Layer::new(config).unwrap().with_token_store(store);
-    let status = status_of(api(&layer), get(&server.api_url("/v1/ping")))
-        .await
-        .map_err(|error| error.to_string());
-    assert_eq!(status, Ok(StatusCode::OK));
-    assert_eq!(server.token_requests(), 1);
-}
-
-/// The same with the default schedule (10 ms doubling to 200 ms).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_default_schedule_a_waiter_tries_itself_once_a_dead_holders_lock_expired() {
+/// A dead process's lock of 200 ms on the fleet's token, then one API call through a layer
+/// on `store` (whose token request timeout is 2 s): the waiter tries itself once the lock
+/// expired, and succeeds with one token request.
+async fn one_call_after_a_dead_holders_lock(store: impl FnOnce(&RedisServer) -> RedisTokenStore) {
     let redis = RedisServer::start();
     let mut inspector = inspect(&redis).await;
     let server = server(Duration::from_secs(3600)).await;
@@ -589,6 +543,27 @@ async fn with_the_default_schedule_a_waiter_tries_itself_once_a_dead_holders_loc
         .map_err(|error| error.to_string());
     assert_eq!(status, Ok(StatusCode::OK));
     assert_eq!(server.token_requests(), 1);
+}
+
+/// A waiter never sleeps past the holder's lock expiry, whatever its poll interval: ten
+/// minutes here, against a 2 s token request timeout and a dead holder's lock of 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_with_a_long_poll_interval_tries_itself_once_a_dead_holders_lock_expired() {
+    one_call_after_a_dead_holders_lock(|redis| {
+        RedisTokenStore::builder(redis.url())
+            .sealing_key(sealing_key())
+            .operation_timeout(Duration::from_secs(1))
+            .poll_interval(Duration::from_secs(600))
+            .build()
+            .unwrap()
+    })
+    .await;
+}
+
+/// The same with the default schedule (10 ms doubling to 200 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_default_schedule_a_waiter_tries_itself_once_a_dead_holders_lock_expired() {
+    one_call_after_a_dead_holders_lock(store).await;
 }
 
 /// Generation numbers start again at 1 when Redis loses its data (a restart without
@@ -820,16 +795,7 @@ async fn ten_layers_cold_then_one_401(server: &NuvyServer, store: impl Fn() -> R
     let layers: Vec<_> = (0..10)
         .map(|_| layer(server).with_token_store(store()))
         .collect();
-    let mut calls = JoinSet::new();
-    for layer in &layers {
-        let api = api(layer);
-        for _ in 0..20 {
-            calls.spawn(status_of(api.clone(), get(&server.api_url("/v1/ping"))));
-        }
-    }
-    while let Some(result) = calls.join_next().await {
-        assert_eq!(result.unwrap().unwrap(), StatusCode::OK);
-    }
+    ping_all_at_once(server, &layers, 20).await;
     assert_eq!(server.token_requests(), 1);
     assert_eq!(requests_sent(&layers), 1);
 

@@ -81,6 +81,21 @@ pub async fn status_of(api: Api, request: Request<Full<Bytes>>) -> Result<Status
     Ok(response.status())
 }
 
+/// `per_layer` concurrent GETs of `/v1/ping` through each layer's [`api`] stack, a clone per
+/// request (as users send); every one must answer 200.
+pub async fn ping_all_at_once(server: &NuvyServer, layers: &[OAuth2Layer], per_layer: usize) {
+    let mut calls = tokio::task::JoinSet::new();
+    for layer in layers {
+        let api = api(layer);
+        for _ in 0..per_layer {
+            calls.spawn(status_of(api.clone(), get(&server.api_url("/v1/ping"))));
+        }
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.expect("task").expect("call"), StatusCode::OK);
+    }
+}
+
 /// Lets the cached token age past `REJECTED_GENERATION_WINDOW`, then revokes every token on
 /// the server: the next API call meets a lone 401 that warrants one refresh and one replay.
 pub async fn age_and_revoke_tokens(server: &NuvyServer) {
