@@ -98,6 +98,18 @@ impl<S> OAuth2Service<S> {
         self.inner
     }
 
+    /// Records a request served from the published token. Keeps a copy only from the second
+    /// such call of this instance on: a service used for one request (`oneshot` on a clone)
+    /// would pay for the copy and never use it.
+    #[inline]
+    fn served_from_published(&mut self, token: &LocalToken) {
+        if self.calls_from_published {
+            self.local = Some(token.clone());
+        } else {
+            self.calls_from_published = true;
+        }
+    }
+
     /// How many requests this instance sent down the cold path (everything but a fresh token
     /// for an allowed origin as written), so tests can show which requests take the warm one.
     /// Test support, not part of the API.
@@ -157,14 +169,7 @@ where
                     drop(published);
                     return self.call_cold(request);
                 };
-                // Keep a copy only from the second call of this instance on: a service used
-                // for one request (`oneshot` on a clone) would pay for the copy and never use
-                // it.
-                if self.calls_from_published {
-                    self.local = Some(token.clone());
-                } else {
-                    self.calls_from_published = true;
-                }
+                self.served_from_published(token);
                 token.authorization.clone()
             }
         };
@@ -222,14 +227,7 @@ impl<S> OAuth2Service<S> {
                     request
                         .headers_mut()
                         .insert(AUTHORIZATION, token.authorization.clone());
-                    // Keep a copy only from the second call of this instance on: a service
-                    // used for one request (`oneshot` on a clone) would pay for the copy and
-                    // never use it.
-                    if self.calls_from_published {
-                        self.local = Some(token.clone());
-                    } else {
-                        self.calls_from_published = true;
-                    }
+                    self.served_from_published(token);
                     drop(published);
                     let future = self.inner.call(request);
                     return ResponseFuture::called(future, generation, self.cache.id());
