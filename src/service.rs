@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tower::{BoxError, Service};
 
 use crate::body::ResponseBody;
-use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, STALE};
+use crate::cache::{generation_of, phase_of, LocalToken, Lookup, TokenCache, FRESH, STALE};
 use crate::error::{Error, ErrorKind};
 use crate::future::ResponseFuture;
 
@@ -22,12 +22,12 @@ use crate::future::ResponseFuture;
 ///   request, `oneshot` on a clone of a service that was never called, `Buffer`,
 ///   `BoxCloneService`): one atomic load of the token's generation and phase (or one more
 ///   lock-free `ArcSwap` load when this instance holds no copy of the token yet), the origin
-///   check, a coarse clock read (about 3 ns; no full clock read: two Tokio timers per token
-///   mark its refresh-ahead and refresh points), the header insert; no lock, no allocation
-///   beyond the header insert, and the inner service is called at once. A token is served at
-///   most one coarse clock tick (Linux 1-10 ms, Windows about 16 ms) past its refresh point,
-///   which comes the refresh margin (at least 10 % of the lifetime) before its expiry: never
-///   past expiry.
+///   check, the header insert; no clock read (two Tokio timers per token, backed by a timer
+///   thread of the process, mark its refresh-ahead and refresh points), no lock, no allocation
+///   beyond the header insert, and the inner service is called at once. A token is served
+///   past its refresh point only for as long as that thread takes to wake at it (the operating
+///   system's wake-up latency: microseconds to a few milliseconds), and the refresh point comes
+///   the refresh margin (at least 10 % of the lifetime) before its expiry.
 /// - **Cold path** (no token, or inside its refresh margin): the request waits for the single
 ///   shared refresh, then goes to the inner service that was polled ready.
 /// - **Errors**: `tower::BoxError`. Token failures are a [`crate::Error`] inside it
@@ -140,8 +140,8 @@ where
     #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         // The warm path, kept small: an allowed origin as written, a fresh token (one atomic
-        // load says which generation is current and that its phase timer has not marked the
-        // refresh-ahead point; see `LocalToken::is_fresh`), this service's copy of it or the
+        // load says which generation is current and that no timer has marked its refresh-ahead
+        // point yet; no clock read, see `cache::snapshot`), this service's copy of it or the
         // published one. Everything else (a refresh due, a request to refuse, no token) is
         // decided by `call_cold`.
         if !self
@@ -152,11 +152,12 @@ where
             return self.call_cold(request);
         }
         let word = self.cache.published_word();
+        if phase_of(word) != FRESH {
+            return self.call_cold(request);
+        }
         let generation = generation_of(word);
         let authorization = match &self.local {
-            Some(local) if local.generation == generation && local.is_fresh(word) => {
-                local.authorization.clone()
-            }
+            Some(local) if local.generation == generation => local.authorization.clone(),
             Some(_) => return self.call_cold(request),
             None => {
                 // No copy yet (a clone of a service that was never called: `oneshot` on
@@ -164,7 +165,7 @@ where
                 let published = self.cache.published_token();
                 let Some(token) = published
                     .as_deref()
-                    .filter(|token| token.generation == generation && token.is_fresh(word))
+                    .filter(|token| token.generation == generation)
                 else {
                     drop(published);
                     return self.call_cold(request);

@@ -2,8 +2,9 @@
 //!
 //! - **Read path** ([`snapshot`]): a valid token is used with one atomic load (generation and
 //!   phase; the service's own copy) or one more lock-free `ArcSwap` load (a service that holds
-//!   no copy yet), and a coarse clock read (about 3 ns) instead of a full one: per-generation
-//!   phase timers mark the refresh-ahead and refresh points. No lock, no allocation. Every
+//!   no copy yet), and no clock read: per-generation phase timers (Tokio's, backed by the
+//!   process's timer thread, [`timer_thread`]) mark the refresh-ahead and refresh points. No
+//!   lock, no allocation. Every
 //!   change of the current token goes through one place, `TokenCache::set_current`, which
 //!   publishes it (`TokenCache::publish`).
 //! - **Single flight** ([`refresh`]): a small state machine (`Idle`, `InFlight`, `BackingOff`,
@@ -23,6 +24,7 @@ mod backoff;
 mod refresh;
 mod registry;
 mod snapshot;
+mod timer_thread;
 mod timing;
 
 use std::fmt;
@@ -67,8 +69,8 @@ impl Rejection {
     }
 }
 
-use snapshot::{coarse_deadline, coarse_now, Published, AHEAD, CLOCK, NO_TOKEN};
 pub(crate) use snapshot::{generation_of, phase_of, FRESH, STALE};
+use snapshot::{Published, AHEAD, CLOCK, NO_TOKEN};
 
 /// A service's own copy of the current token: what the warm path reads.
 #[derive(Clone)]
@@ -80,10 +82,6 @@ pub(crate) struct LocalToken {
     pub(crate) refresh_at: Instant,
     /// From here on the first request starts a background refresh.
     pub(crate) refresh_ahead_at: Instant,
-    /// `refresh_at` and `refresh_ahead_at` on the coarse clock (see [`snapshot`]): the warm
-    /// path's backstop for a runtime whose phase timer is not being driven.
-    coarse_refresh_at: u64,
-    coarse_refresh_ahead_at: u64,
 }
 
 impl LocalToken {
@@ -98,23 +96,13 @@ impl LocalToken {
             authorization,
             refresh_at,
             refresh_ahead_at,
-            coarse_refresh_at: coarse_deadline(refresh_at),
-            coarse_refresh_ahead_at: coarse_deadline(refresh_ahead_at),
         }
     }
 
-    /// Whether this token, the one the published `word` names, is before its refresh-ahead
-    /// point: all the warm path needs to send it. Its phase timer says so ([`FRESH`]) and the
-    /// coarse clock, the backstop for a timer whose runtime is not being driven, agrees (about
-    /// 3 ns). See [`snapshot`].
-    #[inline]
-    pub(crate) fn is_fresh(&self, word: u64) -> bool {
-        phase_of(word) == FRESH && coarse_now() < self.coarse_refresh_ahead_at
-    }
-
     /// Whether the warm path may use this token, the published one, in `phase` (of the word it
-    /// was checked against): no clock read before the refresh-ahead point but the coarse one
-    /// (about 3 ns). Starts the background refresh when it is due.
+    /// was checked against, never stale): no clock read but in the "read the clock" phase
+    /// (no timer thread, or the timers' runtime shut down). Starts the background refresh
+    /// when it is due.
     #[inline]
     pub(crate) fn usable(&self, phase: u64, cache: &TokenCache) -> bool {
         let ahead = if phase == CLOCK {
@@ -124,11 +112,7 @@ impl LocalToken {
             }
             now >= self.refresh_ahead_at
         } else {
-            let now = coarse_now();
-            if now >= self.coarse_refresh_at {
-                return false;
-            }
-            phase == AHEAD || now >= self.coarse_refresh_ahead_at
+            phase == AHEAD
         };
         if ahead {
             cache.start_refresh_ahead(self.generation);
@@ -733,7 +717,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_coarse_clock_stops_the_warm_path_when_the_phase_timer_is_not_driven() {
+    async fn only_the_read_the_clock_phase_reads_the_clock() {
         let config = OAuth2Config::builder(ClientCredentials::new("id", "secret"))
             .build()
             .unwrap();
@@ -745,37 +729,15 @@ mod tests {
             now + Duration::from_secs(3600),
             now + Duration::from_secs(3000),
         );
-        assert!(token.usable(snapshot::FRESH, &cache));
-        // The refresh point passed in real time, and no timer said so (its runtime was not
-        // driven): the phase still says fresh, the coarse clock does not.
-        token.coarse_refresh_at = coarse_now();
-        assert!(!token.usable(snapshot::FRESH, &cache));
-        assert!(!token.usable(AHEAD, &cache));
-        // With the timer gone, Tokio's clock decides.
-        assert!(token.usable(CLOCK, &cache));
+        // Past its points on Tokio's clock, but no timer said so: the phase decides.
         token.refresh_at = now;
+        token.refresh_ahead_at = now;
+        assert!(token.usable(snapshot::FRESH, &cache));
+        assert!(token.usable(AHEAD, &cache));
+        // With the timers gone, Tokio's clock decides.
         assert!(!token.usable(CLOCK, &cache));
-    }
-
-    #[test]
-    fn the_warm_path_needs_a_fresh_phase_and_the_coarse_clock_to_agree() {
-        let now = Instant::now();
-        let mut token = LocalToken::new(
-            1,
-            HeaderValue::from_static("Bearer x"),
-            now + Duration::from_secs(3600),
-            now + Duration::from_secs(3000),
-        );
-        let fresh = snapshot::pack(1, snapshot::FRESH);
-        assert!(token.is_fresh(fresh));
-        assert!(!token.is_fresh(snapshot::pack(1, AHEAD)));
-        assert!(!token.is_fresh(snapshot::pack(1, CLOCK)));
-        assert!(!token.is_fresh(snapshot::pack(1, snapshot::STALE)));
-        // The refresh-ahead point passed on the coarse clock, and no timer said so (its
-        // runtime was not driven: a current-thread one left alone, or a multi-thread one shut
-        // down while a worker was blocked, which never wakes its timers).
-        token.coarse_refresh_ahead_at = coarse_now();
-        assert!(!token.is_fresh(fresh));
+        token.refresh_at = now + Duration::from_secs(3600);
+        assert!(token.usable(CLOCK, &cache));
     }
 
     /// A cache whose token endpoint is an in-process transport: the first request gets a token

@@ -16,7 +16,9 @@
 //! # The clock off the hot path
 //!
 //! Reading `tokio::time::Instant::now()` costs about 21 ns on the machine of BENCHMARKS.md, a
-//! third of a whole static-header call. Instead:
+//! third of a whole static-header call; even the coarse clock (`CLOCK_MONOTONIC_COARSE`, about
+//! 3 ns) was a tenth of it. The warm path reads no clock at all: the phase in `word` says
+//! everything it needs, and two kinds of timer move it.
 //!
 //! - **Phase timers per token generation.** Each publish of a token registers two Tokio timers
 //!   on the runtime that fetched it, at the refresh-ahead point ("refresh-ahead due") and at the
@@ -27,22 +29,26 @@
 //!   any timer (and, like any pending timer, they are where a paused runtime's auto-advance may
 //!   jump to when it is idle). A stale phase sends requests to the slow path, which reads the
 //!   clock and decides as before.
-//! - **A coarse clock as backstop** (`CLOCK_MONOTONIC_COARSE` on Linux through `coarsetime`,
-//!   about 3 ns): each token also carries its two deadlines on that clock, checked on every warm
-//!   request. A timer only fires while its runtime is driven; a current-thread runtime entered
-//!   from time to time with `block_on` would otherwise see a "fresh" phase long after the
-//!   refresh point. Under `tokio::time::pause()` real time barely moves, so the backstop stays
-//!   silent there and the timer alone follows the paused clock.
-//! - If no timer can run (no runtime at publish time, or its runtime shut down: the driver
+//! - **The same two deadlines on the process's timer thread, as backstop**
+//!   ([`super::timer_thread`]): a Tokio timer only fires while its runtime is driven; a
+//!   current-thread runtime entered from time to time with `block_on`, or a multi-thread one
+//!   shut down while a worker is blocked (its timers are then never woken), would otherwise
+//!   leave a "fresh" phase long after the refresh point. The thread follows the machine's
+//!   monotonic clock, whatever the runtimes do. Under `tokio::time::pause()` the time left is
+//!   virtual and lies ahead in real time, so the thread stays silent there and the Tokio timer
+//!   alone follows the paused clock.
+//! - If the timer thread cannot be started, or the Tokio timers' runtime shut down (the driver
 //!   wakes its timers then, before their deadlines), the phase says "read the clock" and the
 //!   warm path reads Tokio's clock as it did before.
 //!
-//! **Bound on serving past the refresh point:** at most one tick of the coarse clock (Linux: one
-//! jiffy, 1-10 ms; macOS: about 1 ms; Windows: about 16 ms); under a paused Tokio clock, none
-//! (the phase changes while the driver processes the timers, before `advance()` returns to its
-//! caller), give or take Tokio's 1 ms timer resolution. The refresh point precedes expiry by the
-//! refresh margin (at least 10 % of the lifetime, 100 ms for a 1 s token), so a token is never
-//! served past its expiry on the warm path.
+//! **Bound on serving past the refresh point:** how late the timer thread wakes after a
+//! deadline: the operating system's wake-up latency for a sleeping thread (microseconds on an
+//! idle machine, the scheduler's time slice, a few milliseconds, on a busy one); under a paused
+//! Tokio clock, none (the phase changes while the driver processes the timers, before
+//! `advance()` returns to its caller), give or take Tokio's 1 ms timer resolution. The refresh
+//! point precedes expiry by the refresh margin (at least 10 % of the lifetime, 100 ms for a 1 s
+//! token), so a token is served past its expiry on the warm path only if the timer thread is
+//! kept off every core for longer than that margin.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,6 +59,7 @@ use std::task::{Context, Wake, Waker};
 use arc_swap::{ArcSwapOption, Guard};
 use tokio::time::{Instant, Sleep};
 
+use super::timer_thread::ThreadTimer;
 use super::LocalToken;
 
 /// The generation number meaning "no usable token".
@@ -98,32 +105,33 @@ fn phase_at(now: Instant, token: &LocalToken) -> u64 {
     }
 }
 
-/// Now on the coarse clock, in `coarsetime` ticks (2^-32 s). Never written anywhere: unlike
-/// `coarsetime::Instant::now`, this does not update the crate's shared "recent" cache line.
-#[inline]
-pub(crate) fn coarse_now() -> u64 {
-    coarsetime::Instant::now_without_cache_update().as_ticks()
-}
-
-/// `at` (on Tokio's clock) on the coarse clock, in ticks: now on the coarse clock plus the time
-/// left until `at`. Under a paused Tokio clock, the time left is virtual and lies ahead in real
-/// time, so the backstop never fires before the timer does.
-pub(crate) fn coarse_deadline(at: Instant) -> u64 {
-    let left = at.saturating_duration_since(Instant::now());
-    coarse_now().saturating_add(coarsetime::Duration::from(left).as_ticks())
+/// `at` (on Tokio's clock) on the machine's monotonic clock: now plus the time left until `at`.
+/// Under a paused Tokio clock the time left is virtual and lies ahead in real time, so the
+/// timer thread never fires before the Tokio timer does. `None` when it lies too far ahead to
+/// be represented: it never comes.
+fn real_time_deadline(at: Instant) -> Option<std::time::Instant> {
+    std::time::Instant::now().checked_add(at.saturating_duration_since(Instant::now()))
 }
 
 /// Keeps the word read on every request on its own cache line, away from the `Arc` reference
 /// counts and the mutex that other cores write.
 #[repr(align(128))]
-struct CacheLine<T>(T);
+pub(super) struct CacheLine<T>(pub(super) T);
 
-type Word = Arc<CacheLine<AtomicU64>>;
+pub(super) type Word = Arc<CacheLine<AtomicU64>>;
 
-/// The two timers of the published token (refresh-ahead and refresh points). Not tasks: each
-/// is a Tokio `Sleep` polled once with a [`PhaseWaker`], so the phase changes inside the timer
-/// driver's own processing, before any task or `block_on` future runs again.
-type Timers = [Pin<Box<Sleep>>; 2];
+/// The timers of the published token, at its refresh-ahead and refresh points; dropping them
+/// disarms them.
+struct Timers {
+    /// Tokio timers (when published inside a runtime). Not tasks: each is a Tokio `Sleep` polled
+    /// once with a [`PhaseWaker`], so the phase changes inside the timer driver's own
+    /// processing, before any task or `block_on` future runs again. They follow Tokio's clock,
+    /// paused or not.
+    _tokio: Option<[Pin<Box<Sleep>>; 2]>,
+    /// The same deadlines on the process's timer thread, which follows the machine's clock
+    /// whatever the runtimes do. `None` for a deadline too far ahead to come.
+    _thread: [Option<ThreadTimer>; 2],
+}
 
 /// The published current token.
 pub(crate) struct Published {
@@ -166,7 +174,7 @@ impl Published {
     /// refresh task (a runtime with a time driver) when it installs a token.
     pub(crate) fn store(&self, token: Option<&LocalToken>) {
         let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
-        // The previous generation's timers, deregistered.
+        // The previous generation's timers, disarmed.
         *timers = None;
         let Some(token) = token else {
             self.token.store(None);
@@ -175,22 +183,40 @@ impl Published {
         };
         self.token.store(Some(Arc::new(token.clone())));
         let generation = token.generation;
-        if tokio::runtime::Handle::try_current().is_err() {
+        let phase = phase_at(Instant::now(), token);
+        if phase == STALE {
             self.word
                 .0
-                .store(pack(generation, CLOCK), Ordering::Release);
+                .store(pack(generation, STALE), Ordering::Release);
             return;
         }
-        let phase = phase_at(Instant::now(), token);
+        // The phase is stored before the timers are armed, so a timer that fires at once
+        // (its deadline passed meanwhile) moves it forward rather than being overwritten.
         self.word
             .0
             .store(pack(generation, phase), Ordering::Release);
-        if phase != STALE {
-            *timers = Some([
-                self.arm(generation, AHEAD, token.refresh_ahead_at),
-                self.arm(generation, STALE, token.refresh_at),
-            ]);
+        let deadlines = [(AHEAD, token.refresh_ahead_at), (STALE, token.refresh_at)];
+        let mut thread_timers = [None, None];
+        for (timer, (phase, deadline)) in thread_timers.iter_mut().zip(deadlines) {
+            let Some(real_time) = real_time_deadline(deadline) else {
+                continue;
+            };
+            match ThreadTimer::arm(real_time, &self.word, generation, phase) {
+                Some(armed) => *timer = Some(armed),
+                None => {
+                    // No timer thread: nothing backs the Tokio timers up.
+                    advance_phase(&self.word, generation, CLOCK);
+                    return;
+                }
+            }
         }
+        let tokio_timers = tokio::runtime::Handle::try_current()
+            .is_ok()
+            .then(|| deadlines.map(|(phase, deadline)| self.arm(generation, phase, deadline)));
+        *timers = Some(Timers {
+            _tokio: tokio_timers,
+            _thread: thread_timers,
+        });
     }
 
     /// A timer that sets `phase` for `generation` at `deadline`.
@@ -219,7 +245,7 @@ impl Published {
 
 /// Sets the phase of `generation` if it is still the published one. Phases only move forward
 /// (fresh, refresh-ahead due, stale); "read the clock" replaces any but stale.
-fn advance_phase(word: &Word, generation: u64, phase: u64) {
+pub(super) fn advance_phase(word: &Word, generation: u64, phase: u64) {
     let _ = word
         .0
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
@@ -261,18 +287,12 @@ mod tests {
 
     use http::HeaderValue;
 
+    use super::super::timer_thread::tests::{armed_on, wait_for};
     use super::*;
 
     fn token(generation: u64, refresh_ahead_at: Instant, refresh_at: Instant) -> LocalToken {
         let header = HeaderValue::from_static("Bearer t");
         LocalToken::new(generation, header, refresh_at, refresh_ahead_at)
-    }
-
-    #[test]
-    fn the_coarse_clock_reads_the_machines_monotonic_clock() {
-        // Ticks of 2^-32 s since boot: far more than one for any machine that has been up for
-        // a second.
-        assert!(coarse_now() > 1 << 32, "{}", coarse_now());
     }
 
     #[test]
@@ -315,12 +335,52 @@ mod tests {
     }
 
     #[test]
-    fn without_a_runtime_the_warm_path_reads_the_clock() {
+    fn without_a_runtime_the_timer_thread_alone_moves_the_phase() {
         let published = Published::new();
         let now = Instant::now();
-        let later = now + Duration::from_secs(600);
-        published.store(Some(&token(2, later, later)));
-        assert_eq!(published.word(), pack(2, CLOCK));
+        let ahead = now + Duration::from_millis(20);
+        published.store(Some(&token(2, ahead, ahead + Duration::from_millis(20))));
+        assert_eq!(phase_of(published.word()), FRESH);
+        wait_for(&published.word, pack(2, STALE));
+    }
+
+    #[test]
+    fn a_runtime_that_is_not_driven_does_not_keep_a_token_fresh() {
+        // Its Tokio timers never fire (a current-thread runtime left alone; likewise a
+        // multi-thread one shut down while a worker is blocked): the timer thread moves the
+        // phase at the deadline in real time.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let published = Published::new();
+        {
+            let _entered = runtime.enter();
+            let now = Instant::now();
+            let ahead = now + Duration::from_millis(20);
+            published.store(Some(&token(6, ahead, now + Duration::from_secs(3600))));
+        }
+        assert_eq!(published.word(), pack(6, FRESH));
+        wait_for(&published.word, pack(6, AHEAD));
+    }
+
+    #[test]
+    fn replacing_or_dropping_the_token_disarms_its_timers() {
+        let published = Published::new();
+        let far = Instant::now() + Duration::from_secs(3600);
+        published.store(Some(&token(1, far, far)));
+        assert_eq!(armed_on(&published.word), 2);
+        published.store(Some(&token(2, far, far)));
+        assert_eq!(armed_on(&published.word), 2, "only the new token's");
+        published.store(None);
+        assert_eq!(armed_on(&published.word), 0);
+        published.store(Some(&token(3, far, far)));
+        let word = Arc::downgrade(&published.word);
+        drop(published);
+        assert!(
+            word.upgrade().is_none(),
+            "no armed timer keeps the word alive"
+        );
     }
 
     #[tokio::test(start_paused = true)]
