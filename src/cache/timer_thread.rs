@@ -178,6 +178,18 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn timers_with_the_same_deadline_are_all_kept() {
+        let (first, second) = (word(1, FRESH), word(1, FRESH));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let _timers = [
+            ThreadTimer::arm(far, &first, 1, AHEAD),
+            ThreadTimer::arm(far, &first, 1, STALE),
+            ThreadTimer::arm(far, &second, 1, STALE),
+        ];
+        assert_eq!((armed_on(&first), armed_on(&second)), (2, 1));
+    }
+
+    #[test]
     fn a_dropped_timer_is_disarmed() {
         let word = word(1, FRESH);
         let far = Instant::now() + Duration::from_secs(3600);
