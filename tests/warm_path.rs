@@ -1,7 +1,8 @@
 //! The warm path takes no lock in any usage pattern: with a valid token cached and the cache's
 //! lock held by another thread, requests still complete in every way users call the service.
 //! And it reads no clock, yet follows the token's deadlines: per-generation phase timers on
-//! Tokio's clock (paused here), and the clock itself once those timers' runtime is gone.
+//! Tokio's clock (paused here), the clock itself once those timers' runtime is gone, and the
+//! process's timer thread in real time when that runtime is never driven again.
 
 mod common;
 
@@ -259,6 +260,66 @@ fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock
         assert_ne!(second, first);
         assert_eq!(server.token_requests(), 2);
     });
+}
+
+#[test]
+fn a_token_whose_runtime_shut_down_with_a_blocked_worker_goes_stale_in_real_time() {
+    // The server lives in a runtime of its own, for the whole test. 1 s tokens: the refresh
+    // point comes 0.9 s after the token request, in real time.
+    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = server_runtime.block_on(common::server(Duration::from_secs(1)));
+    let layer = echo_layer(&server);
+    let mut reused = layer.layer(Echo);
+
+    // The token is fetched, and its Tokio phase timers registered, on a multi-thread runtime
+    // that is then shut down while one of its workers is blocked: Tokio never wakes those
+    // timers, neither at their deadlines nor for the shutdown (it waits for every worker).
+    let first_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = first_runtime.block_on(async {
+        send_on(&mut reused).await;
+        send_on(&mut reused).await
+    });
+    let (unblock, blocked) = mpsc::channel::<()>();
+    let (started, worker_blocked) = mpsc::channel::<()>();
+    first_runtime.spawn(async move {
+        started.send(()).unwrap();
+        let _ = blocked.recv();
+    });
+    worker_blocked.recv().unwrap();
+    first_runtime.shutdown_background();
+
+    // From another runtime, the warm path stops serving the token as fresh once its
+    // refresh-ahead and refresh points pass in real time (the process's timer thread marks
+    // them), and the next token is fetched. Without that thread it would be served for ever.
+    let second_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let second = second_runtime.block_on(async {
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = send_on(&mut reused).await;
+            if served != first {
+                return served;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the first token is still served as fresh long past its expiry"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert_ne!(second, first);
+    assert_eq!(server.token_requests(), 2);
+    drop(unblock);
 }
 
 /// `ready` + `call` of a request for `uri`; the `Authorization` header the inner service got.
