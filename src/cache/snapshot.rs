@@ -35,11 +35,18 @@
 //!   shut down while a worker is blocked (its timers are then never woken), would otherwise
 //!   leave a "fresh" phase long after the refresh point. The thread follows the machine's
 //!   monotonic clock, whatever the runtimes do. Under `tokio::time::pause()` the time left is
-//!   virtual and lies ahead in real time, so the thread stays silent there and the Tokio timer
-//!   alone follows the paused clock.
+//!   virtual and lies ahead in real time, so the Tokio timer follows the paused clock and the
+//!   thread fires only if the test runs longer in real time than the virtual time left (then
+//!   the refresh-ahead comes early in virtual terms, as it did with the coarse clock before).
 //! - If the timer thread cannot be started, or the Tokio timers' runtime shut down (the driver
 //!   wakes its timers then, before their deadlines), the phase says "read the clock" and the
-//!   warm path reads Tokio's clock as it did before.
+//!   warm path reads Tokio's clock as it did before. (With the thread running, the shutdown
+//!   case could keep the phase; it does not, so that a token used from another runtime whose
+//!   clock is paused follows that clock.)
+//! - **Not across `fork`.** A child process made by `fork` has no timer thread, and the
+//!   parent's Tokio timers do not run there: a token published before the fork would stay
+//!   "fresh" in the child. Tokens published in the child get the "read the clock" phase. Use a
+//!   layer in the process that built it (Tokio itself does not support a runtime across fork).
 //!
 //! **Bound on serving past the refresh point:** how late the timer thread wakes after a
 //! deadline: the operating system's wake-up latency for a sleeping thread (microseconds on an
@@ -338,7 +345,7 @@ mod tests {
     fn without_a_runtime_the_timer_thread_alone_moves_the_phase() {
         let published = Published::new();
         let now = Instant::now();
-        let ahead = now + Duration::from_millis(20);
+        let ahead = now + Duration::from_millis(100);
         published.store(Some(&token(2, ahead, ahead + Duration::from_millis(20))));
         assert_eq!(phase_of(published.word()), FRESH);
         wait_for(&published.word, pack(2, STALE));
@@ -357,7 +364,7 @@ mod tests {
         {
             let _entered = runtime.enter();
             let now = Instant::now();
-            let ahead = now + Duration::from_millis(20);
+            let ahead = now + Duration::from_millis(100);
             published.store(Some(&token(6, ahead, now + Duration::from_secs(3600))));
         }
         assert_eq!(published.word(), pack(6, FRESH));
