@@ -214,15 +214,23 @@ async fn the_warm_path_follows_the_refresh_ahead_and_refresh_points_without_read
     assert_eq!(server.token_requests(), 3);
 }
 
-#[test]
-fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock() {
-    // The server lives in a runtime of its own, for the whole test.
-    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+/// The embedded server (tokens of `lifetime`) on a runtime of its own, which the caller keeps
+/// for the whole test while it makes and drops other runtimes.
+fn server_on_a_runtime_of_its_own(
+    lifetime: Duration,
+) -> (tokio::runtime::Runtime, common::NuvyServer) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let server = server_runtime.block_on(common::server(Duration::from_secs(600)));
+    let server = runtime.block_on(common::server(lifetime));
+    (runtime, server)
+}
+
+#[test]
+fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock() {
+    let (_server_runtime, server) = server_on_a_runtime_of_its_own(Duration::from_secs(600));
     let layer = echo_layer(&server);
     let mut reused = layer.layer(Echo);
 
@@ -264,14 +272,8 @@ fn once_the_runtime_that_fetched_the_token_is_gone_the_warm_path_reads_the_clock
 
 #[test]
 fn a_token_whose_runtime_shut_down_with_a_blocked_worker_goes_stale_in_real_time() {
-    // The server lives in a runtime of its own, for the whole test. 1 s tokens: the refresh
-    // point comes 0.9 s after the token request, in real time.
-    let server_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = server_runtime.block_on(common::server(Duration::from_secs(1)));
+    // 1 s tokens: the refresh point comes 0.9 s after the token request, in real time.
+    let (_server_runtime, server) = server_on_a_runtime_of_its_own(Duration::from_secs(1));
     let layer = echo_layer(&server);
     let mut reused = layer.layer(Echo);
 
