@@ -191,17 +191,14 @@ impl Published {
         self.token.store(Some(Arc::new(token.clone())));
         let generation = token.generation;
         let phase = phase_at(Instant::now(), token);
-        if phase == STALE {
-            self.word
-                .0
-                .store(pack(generation, STALE), Ordering::Release);
-            return;
-        }
         // The phase is stored before the timers are armed, so a timer that fires at once
         // (its deadline passed meanwhile) moves it forward rather than being overwritten.
         self.word
             .0
             .store(pack(generation, phase), Ordering::Release);
+        if phase == STALE {
+            return;
+        }
         let deadlines = [(AHEAD, token.refresh_ahead_at), (STALE, token.refresh_at)];
         let mut thread_timers = [None, None];
         for (timer, (phase, deadline)) in thread_timers.iter_mut().zip(deadlines) {

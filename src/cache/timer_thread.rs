@@ -59,7 +59,11 @@ impl ThreadTimer {
             phase,
         };
         armed.entries.insert(key, entry);
-        if armed.entries.first_key_value().map(|(first, _)| *first) == Some(key) {
+        if armed
+            .entries
+            .first_key_value()
+            .is_some_and(|(first, _)| *first == key)
+        {
             thread.earlier_deadline.notify_one();
         }
         Some(Self { key })
@@ -194,17 +198,8 @@ pub(super) mod tests {
         let word = word(1, FRESH);
         let far = Instant::now() + Duration::from_secs(3600);
         let timer = ThreadTimer::arm(far, &word, 1, STALE).unwrap();
-        let key = timer.key;
-        assert!(TimerThread::get()
-            .unwrap()
-            .lock()
-            .entries
-            .contains_key(&key));
+        assert_eq!(armed_on(&word), 1);
         drop(timer);
-        assert!(!TimerThread::get()
-            .unwrap()
-            .lock()
-            .entries
-            .contains_key(&key));
+        assert_eq!(armed_on(&word), 0);
     }
 }
